@@ -1,0 +1,394 @@
+"""DeepSeek-V2-style mixture-of-experts decoder: RMSNorm, RoPE, attention (MHA or MLA), router,
+experts.
+
+Attention modules own their KV cache (allocated once per request by `setup_cache`, written at
+positions), so one forward serves a full prefill without cache, chunked prefill into the cache, and
+single-token decode. MLA caches only the compressed latent and the shared RoPE key, and decodes with
+the key/value up-projections absorbed into the query and output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the reference's order, which matters in bf16.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryTables(nn.Module):
+    """cos/sin for every position up to the context length, computed in fp32."""
+
+    def __init__(self, dim: int, max_positions: int, theta: float):
+        super().__init__()
+        self.dim, self.max_positions, self.theta = dim, max_positions, theta
+        self.register_buffer("cos", torch.empty(max_positions, dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, dim), persistent=False)
+
+    def reset(self, device: torch.device | str) -> None:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        angles = torch.outer(torch.arange(self.max_positions).float(), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.cos = angles.cos().to(device)
+        self.sin = angles.sin().to(device)
+
+
+def rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE pairing dim i with dim i + d/2 ("NeoX" layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE pairing dims (2i, 2i+1); the result is written de-interleaved (evens then odds)."""
+    d = x.shape[-1]
+    x = x.unflatten(-1, (d // 2, 2)).transpose(-1, -2).flatten(-2)
+    return rotate_half_split(x, cos, sin)
+
+
+@dataclass
+class StepContext:
+    """What every attention layer needs to know about the tokens of one forward."""
+
+    cos: torch.Tensor  # [T, rope_dim], activation dtype
+    sin: torch.Tensor
+    input_pos: torch.Tensor | None  # [T] cache slots to write; None: no cache, causal in-chunk
+    mask: torch.Tensor | None  # [T, kv_len] bool, True where attention is allowed
+    kv_len: int  # cache entries visible to this step
+
+
+def _write(cache: torch.Tensor, input_pos: torch.Tensor, value: torch.Tensor) -> None:
+    cache.index_copy_(1, input_pos, value)
+
+
+class MultiHeadAttention(nn.Module):
+    """Plain multi-head attention (the tiny variant), q/k/v fused into one projection."""
+
+    def __init__(self, c: LanguageConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = (
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+        )  # fmt: skip
+        self.scale = c.attention_scale
+        self.qkv = nn.Linear(
+            c.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=c.attention_bias
+        )
+        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.k_cache: torch.Tensor | None = None  # [B, S, kv_heads, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def setup_cache(self, batch: int, max_len: int, device, dtype) -> None:
+        shape = (batch, max_len, self.kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim],
+            dim=-1,
+        )
+        q = rotate_half_split(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), ctx.cos, ctx.sin)
+        k = rotate_half_split(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), ctx.cos, ctx.sin)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.input_pos is not None:
+            assert self.k_cache is not None and self.v_cache is not None, "setup_cache first"
+            _write(self.k_cache, ctx.input_pos, k.transpose(1, 2))
+            _write(self.v_cache, ctx.input_pos, v.transpose(1, 2))
+            k = self.k_cache[:b, : ctx.kv_len].transpose(1, 2)
+            v = self.v_cache[:b, : ctx.kv_len].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=ctx.mask,
+            is_causal=ctx.mask is None,
+            scale=self.scale,
+            enable_gqa=self.heads != self.kv_heads,
+        )  # fmt: skip
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA: keys and values are up-projected from a small per-token latent shared by all heads."""
+
+    def __init__(self, c: LanguageConfig):
+        super().__init__()
+        assert c.kv_lora_rank is not None
+        self.heads, self.rank = c.num_attention_heads, c.kv_lora_rank
+        self.nope, self.rope, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.scale = c.attention_scale
+        d, q_out = c.hidden_size, self.heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, d, bias=c.attention_bias)
+        self.latent_cache: torch.Tensor | None = None  # [B, S, rank], after kv_a_layernorm
+        self.rope_key_cache: torch.Tensor | None = None  # [B, S, rope], after RoPE
+
+    def setup_cache(self, batch: int, max_len: int, device, dtype) -> None:
+        self.latent_cache = torch.zeros(batch, max_len, self.rank, device=device, dtype=dtype)
+        self.rope_key_cache = torch.zeros(batch, max_len, self.rope, device=device, dtype=dtype)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.query(x).view(b, t, self.heads, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = rotate_interleaved(q_pe, ctx.cos, ctx.sin)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = rotate_interleaved(k_pe, ctx.cos, ctx.sin)  # [b, t, rope], one key for all heads
+
+        if ctx.input_pos is not None:
+            assert self.latent_cache is not None and self.rope_key_cache is not None
+            _write(self.latent_cache, ctx.input_pos, latent)
+            _write(self.rope_key_cache, ctx.input_pos, k_pe)
+            latent = self.latent_cache[:b, : ctx.kv_len]
+            k_pe = self.rope_key_cache[:b, : ctx.kv_len]
+
+        if t == 1:
+            out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, ctx.mask)
+        else:
+            out = self._attend_expanded(q_nope, q_pe, latent, k_pe, ctx.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim))
+
+    def _attend_expanded(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        """Up-project keys and values for every cached token: cheapest when many queries share them."""
+        b, s, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(b, s, self.heads, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(b, self.heads, s, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
+        )
+
+    def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        """Fold W_UK into the query and W_UV into the output, attending over the latent directly.
+
+        Per decoded token this reads rank + rope values per cached position instead of
+        heads * (nope + v), which is the whole point of MLA.
+        """
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        scores = q_latent @ latent[:, None].transpose(-1, -2) + q_pe @ k_pe[:, None].transpose(-1, -2)
+        scores = scores.float() * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        out_latent = probs @ latent[:, None]
+        return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with gate and up projections fused."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * width, bias=False)
+        self.down_proj = nn.Linear(width, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Gate(nn.Module):
+    """Router: picks `top_k` experts per token and their weights, all in fp32."""
+
+    fp32_params = ("weight", "e_score_correction_bias")
+
+    def __init__(self, c: LanguageConfig):
+        super().__init__()
+        assert c.n_routed_experts is not None and c.num_experts_per_tok is not None
+        self.top_k, self.method, self.scoring = c.num_experts_per_tok, c.topk_method, c.scoring_func
+        self.n_group, self.topk_group = c.n_group or 1, c.topk_group or 1
+        self.normalize, self.scaling = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.empty(c.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, D] -> weights [N, k] (fp32), expert indices [N, k]."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+        if self.method == "greedy":
+            weights, indices = scores.topk(self.top_k, dim=-1, sorted=False)
+        elif self.method == "group_limited_greedy":
+            group_scores = scores.unflatten(-1, (self.n_group, -1)).amax(dim=-1)
+            weights, indices = self._topk_in_best_groups(scores, group_scores).topk(
+                self.top_k, dim=-1, sorted=False
+            )
+        else:  # noaux_tc: the bias steers which experts are chosen, never how much they weigh
+            choice = scores + self.e_score_correction_bias.float()
+            group_scores = choice.unflatten(-1, (self.n_group, -1)).topk(2, dim=-1).values.sum(-1)
+            _, indices = self._topk_in_best_groups(choice, group_scores).topk(
+                self.top_k, dim=-1, sorted=False
+            )
+            weights = scores.gather(-1, indices)
+        if self.top_k > 1 and self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, indices
+
+    def _topk_in_best_groups(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
+        """Zero (not -inf, as the reference) every expert outside the `topk_group` best groups."""
+        best = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, best, True)
+        keep = keep.repeat_interleave(scores.shape[-1] // self.n_group, dim=-1)
+        return scores.masked_fill(~keep, 0.0)
+
+
+class Experts(nn.Module):
+    """All routed experts' weights stacked, so only the selected ones are ever multiplied."""
+
+    def __init__(self, n_experts: int, dim: int, width: int):
+        super().__init__()
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, 2 * width, dim))
+        self.w_down = nn.Parameter(torch.empty(n_experts, dim, width))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and indices.numel() <= 64:
+            return self.forward_gathered(x, weights, indices)
+        return self.forward_grouped(x, weights, indices)
+
+    def forward_grouped(self, x, weights, indices) -> torch.Tensor:
+        """Sort (token, expert) pairs by expert and run one matmul per expert that has tokens.
+
+        Reads each selected expert's weights once however many tokens chose it: the right shape
+        for prefill. Costs one host sync to learn the group sizes.
+        """
+        k = indices.shape[-1]
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.w_gate_up.shape[0]).tolist()
+        token_of = order // k
+        outputs = torch.empty(flat.numel(), x.shape[-1], device=x.device, dtype=x.dtype)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = order[start : start + count]
+            gate, up = F.linear(x[token_of[start : start + count]], self.w_gate_up[expert]).chunk(2, -1)
+            outputs[rows] = F.linear(F.silu(gate) * up, self.w_down[expert])
+            start += count
+        return self._combine(outputs, weights, x.dtype)
+
+    def forward_gathered(self, x, weights, indices) -> torch.Tensor:
+        """Gather each token's selected expert weights and batch-multiply: no host sync, so it
+        can be captured in a CUDA graph; for decode, where tokens rarely share an expert."""
+        k = indices.shape[-1]
+        flat = indices.flatten()
+        tokens = x.repeat_interleave(k, dim=0)[:, None, :]
+        gate, up = torch.bmm(tokens, self.w_gate_up[flat].transpose(1, 2)).chunk(2, -1)
+        outputs = torch.bmm(F.silu(gate) * up, self.w_down[flat].transpose(1, 2))
+        return self._combine(outputs[:, 0], weights, x.dtype)
+
+    @staticmethod
+    def _combine(outputs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Weighted sum over each token's k experts, in fp32 like the reference."""
+        n, k = weights.shape
+        return (outputs.float().view(n, k, -1) * weights[..., None]).sum(dim=1).to(dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, c: LanguageConfig):
+        super().__init__()
+        assert c.n_routed_experts is not None
+        self.gate = Gate(c)
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        width = c.shared_expert_width
+        self.shared_experts = MLP(c.hidden_size, width) if width else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, indices = self.gate(flat)
+        out = self.experts(flat, weights, indices)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view_as(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: LanguageConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(c) if c.use_mla else MultiHeadAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MoE(c) if c.is_moe_layer(layer_idx) else MLP(c.hidden_size, c.intermediate_size)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, c: LanguageConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, c: LanguageConfig):
+        super().__init__()
+        self.config = c
+        self.model = DecoderStack(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.rope = RotaryTables(c.rope_dim, c.max_position_embeddings, c.rope_theta)
+
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        """Allocate every layer's cache once for a request of up to `max_len` tokens."""
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"cache of {max_len} tokens exceeds the {self.config.max_position_embeddings}-token context"
+            )
+        weight = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.setup_cache(batch, max_len, weight.device, weight.dtype)
+
+    def context(self, input_pos: torch.Tensor, kv_len: int | None) -> StepContext:
+        """Positions `input_pos` of one forward; `kv_len` None means no cache (full prefill)."""
+        dtype = self.lm_head.weight.dtype
+        cos, sin = self.rope.cos[input_pos].to(dtype), self.rope.sin[input_pos].to(dtype)
+        if kv_len is None:
+            return StepContext(cos, sin, None, None, input_pos.numel())
+        visible = torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]
+        return StepContext(cos, sin, input_pos, visible, kv_len)
+
+    def forward(self, embeds: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Input embeddings [B, T, D] -> final hidden states [B, T, D] (after the last norm)."""
+        x = embeds
+        for layer in self.model.layers:
+            x = layer(x, ctx)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
