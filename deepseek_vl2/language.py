@@ -91,8 +91,9 @@ class MultiHeadAttention(nn.Module):
             c.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=c.attention_bias
         )
         self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
-        self.k_cache: torch.Tensor | None = None  # [B, S, kv_heads, head_dim]
-        self.v_cache: torch.Tensor | None = None
+        # [B, S, kv_heads, head_dim]; buffers, so a compiled decode step sees them as state
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
 
     def setup_cache(self, batch: int, max_len: int, device, dtype) -> None:
         shape = (batch, max_len, self.kv_heads, self.head_dim)
@@ -144,8 +145,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.heads * self.v_dim, d, bias=c.attention_bias)
-        self.latent_cache: torch.Tensor | None = None  # [B, S, rank], after kv_a_layernorm
-        self.rope_key_cache: torch.Tensor | None = None  # [B, S, rope], after RoPE
+        self.register_buffer("latent_cache", None, persistent=False)  # [B, S, rank], normed
+        self.register_buffer("rope_key_cache", None, persistent=False)  # [B, S, rope], rotated
 
     def setup_cache(self, batch: int, max_len: int, device, dtype) -> None:
         self.latent_cache = torch.zeros(batch, max_len, self.rank, device=device, dtype=dtype)
