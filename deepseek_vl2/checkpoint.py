@@ -211,6 +211,16 @@ def expected_internal_params(config: DeepseekVL2Config) -> dict[str, Shape]:
     return out
 
 
+def parameter_slot(
+    params: dict[str, torch.nn.Parameter], name: str, config: LanguageConfig
+) -> torch.Tensor:
+    """The region of our parameter that checkpoint tensor `name` fills (a view, written in place)."""
+    target = internal_target(name, config)
+    if target.param not in params:
+        raise CheckpointError(f"tensor {name!r} has no parameter {target.param!r}")
+    return params[target.param].data[target.index]
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the file holding it (sharded index or a single file)."""
     index = path / "model.safetensors.index.json"
@@ -271,18 +281,15 @@ def load_checkpoint(
                 if name.startswith(SKIPPED_PREFIXES):
                     n_skipped += 1
                     continue
-                target = internal_target(name, config.language)
-                if target.param not in params:
-                    raise CheckpointError(f"tensor {name!r} has no parameter {target.param!r}")
-                slot = params[target.param].data[target.index]
+                slot = parameter_slot(params, name, config.language)
                 if tuple(slot.shape) != shape:
                     raise CheckpointError(
-                        f"tensor {name!r} ({list(shape)}) does not fit parameter "
-                        f"{target.param!r} region {list(slot.shape)}"
+                        f"tensor {name!r} ({list(shape)}) does not fit our parameter region "
+                        f"{list(slot.shape)}"
                     )
                 with torch.no_grad():
                     slot.copy_(f.get_tensor(name))
-                filled[target.param] += slot.numel()
+                filled[internal_target(name, config.language).param] += slot.numel()
                 n_loaded += 1
         log.info("loaded shard %d/%d: %s", i + 1, len(by_file), file.name)
 
