@@ -1,0 +1,133 @@
+"""Starting Cog's HTTP server (coglet) on this machine, for `make demo` and the HTTP tests.
+
+In production the Cog container starts the server; here we run the same command from the project
+root: `COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=... python -m cog.server.http`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+class ServerError(RuntimeError):
+    """The server did not become ready, or stopped answering."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+class LocalCogServer:
+    """The Cog HTTP server as a child process; use as a context manager (always stopped)."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.base_url = f"http://{HOST}:{self.port}"
+        # coglet starts its worker with the first `python` on PATH, so this interpreter's bin
+        # directory (the venv) must come first or the worker cannot import cog and the project.
+        python_bin = str(Path(sys.executable).parent)
+        self._env = {
+            **os.environ,
+            "PATH": python_bin + os.pathsep + os.environ.get("PATH", ""),
+            "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+            "PORT": str(self.port),
+            **(extra_env or {}),
+        }
+        self._log = tempfile.NamedTemporaryFile(prefix="cog-server-", suffix=".log", delete=False)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout_s: float = 120.0) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", HOST],
+            cwd=PROJECT_ROOT,
+            env=self._env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise ServerError(f"the server exited early:\n{self.log_text()}")
+            status = self.health_status()
+            if status == "READY":
+                return
+            if status == "SETUP_FAILED":
+                raise ServerError(f"setup() failed:\n{self.health().get('setup', {}).get('logs')}")
+            time.sleep(0.2)
+        raise ServerError(f"not READY after {ready_timeout_s:.0f} s:\n{self.log_text()}")
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalCogServer:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        return Path(self._log.name).read_text(encoding="utf-8", errors="replace")
+
+    def health(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.base_url}/health-check", timeout=5) as response:
+            return json.load(response)
+
+    def health_status(self) -> str | None:
+        try:
+            return self.health().get("status")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None  # not listening yet
+
+    def settled_status(self, timeout_s: float = 10.0) -> str | None:
+        """The health status once the server has finished its last prediction.
+
+        It can still say BUSY for a moment after a synchronous response has been sent.
+        """
+        deadline = time.monotonic() + timeout_s
+        status = self.health_status()
+        while status == "BUSY" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = self.health_status()
+        return status
+
+    def predict(self, inputs: dict[str, Any], timeout_s: float = 300.0) -> tuple[int, Any]:
+        """POST /predictions; returns (HTTP status, decoded JSON body), also for 4xx answers."""
+        request = urllib.request.Request(
+            f"{self.base_url}/predictions",
+            data=json.dumps({"input": inputs}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
