@@ -145,8 +145,7 @@ class Engine:
         """Yield the answer's text as it is produced (never half a UTF-8 character)."""
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
         decoder = StreamDecoder(self.processor.tokenizer)
-        batch, timings, started = self._prepare(messages, images)
-        allowed, _ = self._clip(batch, max_new_tokens)
+        batch, timings, started, allowed, _ = self._prepare(messages, images, max_new_tokens)
         for token in self._tokens(batch, allowed, params, timings, started):
             piece = decoder.push(token)
             if piece:
@@ -158,8 +157,7 @@ class Engine:
     # ---- stages ---------------------------------------------------------------------------
 
     def _run(self, messages, images, max_new_tokens, params) -> GenerationResult:
-        batch, timings, started = self._prepare(messages, images)
-        allowed, clipped = self._clip(batch, max_new_tokens)
+        batch, timings, started, allowed, clipped = self._prepare(messages, images, max_new_tokens)
         tokens = list(self._tokens(batch, allowed, params, timings, started))
         return GenerationResult(
             text=self.processor.decode(tokens),
@@ -171,12 +169,18 @@ class Engine:
             timings=timings,
         )
 
-    def _prepare(self, messages, images) -> tuple[ProcessorOutput, Timings, float]:
+    def _prepare(
+        self, messages, images, max_new_tokens: int
+    ) -> tuple[ProcessorOutput, Timings, float, int, bool]:
+        """Processor outputs, timings so far, start time, and the allowed new tokens (clipped?)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         started = time.perf_counter()
         batch = self.processor(messages, list(images))
         timings = Timings(preprocess_s=time.perf_counter() - started)
         self._check_fits(batch)
-        return batch, timings, started
+        allowed, clipped = self._clip(batch, max_new_tokens)
+        return batch, timings, started, allowed, clipped
 
     def _check_fits(self, batch: ProcessorOutput) -> None:
         prompt = batch.input_ids.shape[1]
@@ -195,8 +199,6 @@ class Engine:
         )
 
     def _clip(self, batch: ProcessorOutput, max_new_tokens: int) -> tuple[int, bool]:
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         room = self.context_length - batch.input_ids.shape[1]
         if max_new_tokens > room:
             log.warning(
@@ -223,10 +225,7 @@ class Engine:
 
         t0 = time.perf_counter()
         embeds = self.model.embed(
-            input_ids,
-            batch.pixel_values.to(self.device),
-            batch.images_seq_mask.to(self.device),
-            batch.images_spatial_crop,
+            input_ids, batch.pixel_values, batch.images_seq_mask, batch.images_spatial_crop
         )
         self._sync()
         timings.vision_s = time.perf_counter() - t0

@@ -123,10 +123,10 @@ class DeepseekVL2(nn.Module):
         images_spatial_crop: torch.Tensor,
     ) -> torch.Tensor:
         """Token embeddings with every image position replaced, in order, by the image spans."""
-        embeds = self.language.model.embed_tokens(input_ids)
-        spans = self.encode_images(pixel_values, images_spatial_crop)
+        embeds = self.language.model.embed_tokens(input_ids.to(self.device))
+        spans = self.encode_images(pixel_values.to(self.device), images_spatial_crop)
         for b, span in enumerate(spans):
-            positions = images_seq_mask[b].nonzero().squeeze(-1)
+            positions = images_seq_mask[b].to(self.device).nonzero().squeeze(-1)
             if positions.numel() != span.shape[0]:
                 raise ValueError(
                     f"batch row {b}: {positions.numel()} image positions in the prompt but the "
@@ -144,13 +144,7 @@ class DeepseekVL2(nn.Module):
         images_spatial_crop: torch.Tensor,
     ) -> torch.Tensor:
         """Full prefill without cache: fp32 logits [B, T, V] at every position."""
-        input_ids = input_ids.to(self.device)
-        embeds = self.embed(
-            input_ids,
-            pixel_values.to(self.device),
-            images_seq_mask.to(self.device),
-            images_spatial_crop,
-        )
+        embeds = self.embed(input_ids, pixel_values, images_seq_mask, images_spatial_crop)
         positions = torch.arange(input_ids.shape[1], device=self.device)
         hidden = self.language(embeds, self.language.context(positions, kv_len=None))
         return self.language.logits(hidden)
