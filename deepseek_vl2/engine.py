@@ -76,7 +76,6 @@ class Engine:
         self.prefill_chunk_size = prefill_chunk_size
         self.context_length = self.config.language.max_position_embeddings
         self.eos_id = processor.tokenizer.eos_id
-        self._cache_ready = False
         if compile_decode is None:
             compile_decode = self.device.type == "cuda"
         # Compiled decode attends over the whole fixed-size cache so its shapes never change.
@@ -262,7 +261,7 @@ class Engine:
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         """Run the prompt through the decoder in chunks, filling the cache; logits of the last token."""
         language = self.model.language
-        self._ensure_cache()
+        language.setup_cache(1, self.context_length)
         prompt_len = embeds.shape[1]
         for start in range(0, prompt_len, self.prefill_chunk_size):
             end = min(start + self.prefill_chunk_size, prompt_len)
@@ -286,11 +285,6 @@ class Engine:
         embeds = language.model.embed_tokens(token)
         hidden = language(embeds, language.context(input_pos, kv_len=kv_len))
         return language.logits(hidden[:, -1])
-
-    def _ensure_cache(self) -> None:
-        if not self._cache_ready:
-            self.model.language.setup_cache(1, self.context_length)
-            self._cache_ready = True
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

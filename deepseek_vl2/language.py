@@ -364,9 +364,12 @@ class LanguageModel(nn.Module):
         self.model = DecoderStack(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rope = RotaryTables(c.rope_dim, c.max_position_embeddings, c.rope_theta)
+        self.cache_shape: tuple[int, int] | None = None  # (batch, max_len) of the allocated caches
 
     def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate every layer's cache once for a request of up to `max_len` tokens."""
+        """Allocate every layer's cache for up to `max_len` tokens; a no-op if already that size."""
+        if self.cache_shape == (batch, max_len):
+            return
         if max_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"cache of {max_len} tokens exceeds the {self.config.max_position_embeddings}-token context"
@@ -374,6 +377,7 @@ class LanguageModel(nn.Module):
         weight = self.lm_head.weight
         for layer in self.model.layers:
             layer.self_attn.setup_cache(batch, max_len, weight.device, weight.dtype)
+        self.cache_shape = (batch, max_len)
 
     def context(self, input_pos: torch.Tensor, kv_len: int | None) -> StepContext:
         """Positions `input_pos` of one forward; `kv_len` None means no cache (full prefill)."""
