@@ -169,6 +169,13 @@ class LanguageConfig:
     def attention_scale(self) -> float:
         return 1.0 / math.sqrt(self.qk_head_dim if self.use_mla else self.head_dim)
 
+    @property
+    def cache_values_per_token(self) -> int:
+        """Numbers one token keeps in the KV cache over all layers (MLA: latent + RoPE key)."""
+        if self.use_mla:
+            return self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (
             self.n_routed_experts is not None

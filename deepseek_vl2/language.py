@@ -1,10 +1,11 @@
 """DeepSeek-V2-style mixture-of-experts decoder: RMSNorm, RoPE, attention (MHA or MLA), router,
 experts.
 
-Attention modules own their KV cache (allocated once per request by `setup_cache`, written at
-positions), so one forward serves a full prefill without cache, chunked prefill into the cache, and
-single-token decode. MLA caches only the compressed latent and the shared RoPE key, and decodes with
-the key/value up-projections absorbed into the query and output.
+Attention modules own their KV cache: `max_batch` rows of the whole context, allocated once and
+written at positions. One forward serves a full prefill without cache, a chunked prefill into one
+cache row, and a decode step of several rows, each at its own position. MLA caches only the
+compressed latent and the shared RoPE key, and decodes with the key/value up-projections absorbed
+into the query and output.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
+from .execution import Execution, Linear
 
 
 class RMSNorm(nn.Module):
@@ -65,17 +67,22 @@ def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 @dataclass
 class StepContext:
-    """What every attention layer needs to know about the tokens of one forward."""
+    """What every attention layer needs to know about the tokens of one forward of [B, T] tokens."""
 
-    cos: torch.Tensor  # [T, rope_dim], activation dtype
+    cos: torch.Tensor  # [B, 1, T, rope_dim], activation dtype
     sin: torch.Tensor
-    input_pos: torch.Tensor | None  # [T] cache slots to write; None: no cache, causal in-chunk
-    mask: torch.Tensor | None  # [T, kv_len] bool, True where attention is allowed
+    positions: torch.Tensor | None  # [B, T] cache positions written; None: no cache, causal
+    rows: slice  # the cache rows of batch rows 0..B-1 (contiguous)
+    mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, True where attention is allowed
     kv_len: int  # cache entries visible to this step
 
-
-def _write(cache: torch.Tensor, input_pos: torch.Tensor, value: torch.Tensor) -> None:
-    cache.index_copy_(1, input_pos, value)
+    def write(self, cache: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Store value [B, T, ...] at each row's positions; return the rows' visible cache."""
+        assert self.positions is not None and cache is not None, "setup_cache first"
+        rows = cache[self.rows]
+        batch = torch.arange(rows.shape[0], device=rows.device)[:, None]
+        rows[batch, self.positions] = value
+        return rows[:, : self.kv_len]
 
 
 class MultiHeadAttention(nn.Module):
@@ -87,10 +94,10 @@ class MultiHeadAttention(nn.Module):
             c.num_attention_heads, c.num_key_value_heads, c.head_dim,
         )  # fmt: skip
         self.scale = c.attention_scale
-        self.qkv = nn.Linear(
+        self.qkv = Linear(
             c.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=c.attention_bias
         )
-        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.o_proj = Linear(self.heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
         # [B, S, kv_heads, head_dim]; buffers, so a compiled decode step sees them as state
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
@@ -99,6 +106,9 @@ class MultiHeadAttention(nn.Module):
         shape = (batch, max_len, self.kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+
+    def caches(self) -> tuple[torch.Tensor, ...]:
+        return self.k_cache, self.v_cache
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         b, t, _ = x.shape
@@ -109,12 +119,9 @@ class MultiHeadAttention(nn.Module):
         q = rotate_half_split(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), ctx.cos, ctx.sin)
         k = rotate_half_split(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), ctx.cos, ctx.sin)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        if ctx.input_pos is not None:
-            assert self.k_cache is not None and self.v_cache is not None, "setup_cache first"
-            _write(self.k_cache, ctx.input_pos, k.transpose(1, 2))
-            _write(self.v_cache, ctx.input_pos, v.transpose(1, 2))
-            k = self.k_cache[:b, : ctx.kv_len].transpose(1, 2)
-            v = self.v_cache[:b, : ctx.kv_len].transpose(1, 2)
+        if ctx.positions is not None:
+            k = ctx.write(self.k_cache, k.transpose(1, 2)).transpose(1, 2)
+            v = ctx.write(self.v_cache, v.transpose(1, 2)).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=ctx.mask,
@@ -136,21 +143,24 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = c.attention_scale
         d, q_out = c.hidden_size, self.heads * c.qk_head_dim
         if c.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, q_out, bias=False)
+            self.q_proj = Linear(d, q_out, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = Linear(d, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope, bias=c.attention_bias)
+            self.q_b_proj = Linear(c.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.rank + self.rope, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.rank, c.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.heads * self.v_dim, d, bias=c.attention_bias)
+        self.kv_b_proj = Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(self.heads * self.v_dim, d, bias=c.attention_bias)
         self.register_buffer("latent_cache", None, persistent=False)  # [B, S, rank], normed
         self.register_buffer("rope_key_cache", None, persistent=False)  # [B, S, rope], rotated
 
     def setup_cache(self, batch: int, max_len: int, device, dtype) -> None:
         self.latent_cache = torch.zeros(batch, max_len, self.rank, device=device, dtype=dtype)
         self.rope_key_cache = torch.zeros(batch, max_len, self.rope, device=device, dtype=dtype)
+
+    def caches(self) -> tuple[torch.Tensor, ...]:
+        return self.latent_cache, self.rope_key_cache
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -164,14 +174,11 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe = rotate_interleaved(q_pe, ctx.cos, ctx.sin)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        k_pe = rotate_interleaved(k_pe, ctx.cos, ctx.sin)  # [b, t, rope], one key for all heads
+        k_pe = rotate_interleaved(k_pe[:, None], ctx.cos, ctx.sin)[:, 0]  # [b, t, rope], all heads
 
-        if ctx.input_pos is not None:
-            assert self.latent_cache is not None and self.rope_key_cache is not None
-            _write(self.latent_cache, ctx.input_pos, latent)
-            _write(self.rope_key_cache, ctx.input_pos, k_pe)
-            latent = self.latent_cache[:b, : ctx.kv_len]
-            k_pe = self.rope_key_cache[:b, : ctx.kv_len]
+        if ctx.positions is not None:
+            latent = ctx.write(self.latent_cache, latent)
+            k_pe = ctx.write(self.rope_key_cache, k_pe)
 
         if t == 1:
             out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, ctx.mask)
@@ -213,8 +220,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, width: int):
         super().__init__()
-        self.gate_up = nn.Linear(dim, 2 * width, bias=False)
-        self.down_proj = nn.Linear(width, dim, bias=False)
+        self.gate_up = Linear(dim, 2 * width, bias=False)
+        self.down_proj = Linear(width, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -267,7 +274,9 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts' weights stacked, so only the selected ones are ever multiplied."""
+    """All routed experts' weights stacked; each token's output mixes only its selected experts."""
+
+    execution = Execution()
 
     def __init__(self, n_experts: int, dim: int, width: int):
         super().__init__()
@@ -275,9 +284,15 @@ class Experts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, width))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and indices.numel() <= 64:
+        execution = self.execution
+        if x.shape[0] > execution.sync_free_expert_tokens:
+            return self.forward_grouped(x, weights, indices)
+        # Gathering copies each (token, expert) pair's weights and multiplies them: about 3x the
+        # bytes of the pairs. Running every expert on every token reads each expert once.
+        gathered = 3 * indices.numel() < self.w_gate_up.shape[0]
+        if execution.sync_free_experts == "gathered" or (execution.sync_free_experts == "auto" and gathered):
             return self.forward_gathered(x, weights, indices)
-        return self.forward_grouped(x, weights, indices)
+        return self.forward_dense(x, weights, indices)
 
     def forward_grouped(self, x, weights, indices) -> torch.Tensor:
         """Sort (token, expert) pairs by expert and run one matmul per expert that has tokens.
@@ -285,6 +300,7 @@ class Experts(nn.Module):
         Reads each selected expert's weights once however many tokens chose it: the right shape
         for prefill. Costs one host sync to learn the group sizes.
         """
+        linear = self.execution.linear
         k = indices.shape[-1]
         flat = indices.flatten()
         order = flat.argsort(stable=True)
@@ -296,20 +312,30 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             rows = order[start : start + count]
-            gate, up = F.linear(x[token_of[start : start + count]], self.w_gate_up[expert]).chunk(2, -1)
-            outputs[rows] = F.linear(F.silu(gate) * up, self.w_down[expert])
+            gate, up = linear(x[token_of[start : start + count]], self.w_gate_up[expert]).chunk(2, -1)
+            outputs[rows] = linear(F.silu(gate) * up, self.w_down[expert])
             start += count
         return self._combine(outputs, weights, x.dtype)
 
     def forward_gathered(self, x, weights, indices) -> torch.Tensor:
         """Gather each token's selected expert weights and batch-multiply: no host sync, so it
-        can be captured in a CUDA graph; for decode, where tokens rarely share an expert."""
+        can be captured in a CUDA graph; for a few tokens, which rarely share an expert."""
         k = indices.shape[-1]
         flat = indices.flatten()
         tokens = x.repeat_interleave(k, dim=0)[:, None, :]
         gate, up = torch.bmm(tokens, self.w_gate_up[flat].transpose(1, 2)).chunk(2, -1)
         outputs = torch.bmm(F.silu(gate) * up, self.w_down[flat].transpose(1, 2))
         return self._combine(outputs[:, 0], weights, x.dtype)
+
+    def forward_dense(self, x, weights, indices) -> torch.Tensor:
+        """Every expert on every token, keeping only the selected results: no host sync, and each
+        expert's weights read once; for a batch of decode rows that together touch most experts."""
+        n_experts = self.w_gate_up.shape[0]
+        tokens = x[None].expand(n_experts, -1, -1)
+        gate, up = torch.bmm(tokens, self.w_gate_up.transpose(1, 2)).chunk(2, -1)
+        outputs = torch.bmm(F.silu(gate) * up, self.w_down.transpose(1, 2))  # [E, n, D]
+        selected = outputs.permute(1, 0, 2)[torch.arange(x.shape[0], device=x.device)[:, None], indices]
+        return self._combine(selected.flatten(0, 1), weights, x.dtype)
 
     @staticmethod
     def _combine(outputs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -362,12 +388,12 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = c
         self.model = DecoderStack(c)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rope = RotaryTables(c.rope_dim, c.max_position_embeddings, c.rope_theta)
         self.cache_shape: tuple[int, int] | None = None  # (batch, max_len) of the allocated caches
 
     def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate every layer's cache for up to `max_len` tokens; a no-op if already that size."""
+        """Allocate every layer's cache: `batch` rows of `max_len` tokens; a no-op if that size."""
         if self.cache_shape == (batch, max_len):
             return
         if max_len > self.config.max_position_embeddings:
@@ -379,14 +405,30 @@ class LanguageModel(nn.Module):
             layer.self_attn.setup_cache(batch, max_len, weight.device, weight.dtype)
         self.cache_shape = (batch, max_len)
 
-    def context(self, input_pos: torch.Tensor, kv_len: int | None) -> StepContext:
-        """Positions `input_pos` of one forward; `kv_len` None means no cache (full prefill)."""
+    def caches(self) -> list[torch.Tensor]:
+        """Every cache tensor of every layer, each [rows, max_len, ...]."""
+        return [cache for layer in self.model.layers for cache in layer.self_attn.caches()]
+
+    def move_cache_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` cached tokens of row `source` into row `target`."""
+        for cache in self.caches():
+            cache[target, :length] = cache[source, :length]
+
+    def context(self, positions: torch.Tensor, rows: slice | None = None, kv_len: int | None = None) -> StepContext:
+        """A forward of tokens at `positions` [B, T].
+
+        Without `rows` nothing is cached: causal attention within the tokens (full prefill).
+        With `rows`, batch row b writes cache row rows.start + b at its positions and attends over
+        that row's first `kv_len` entries, up to its own position.
+        """
         dtype = self.lm_head.weight.dtype
-        cos, sin = self.rope.cos[input_pos].to(dtype), self.rope.sin[input_pos].to(dtype)
-        if kv_len is None:
-            return StepContext(cos, sin, None, None, input_pos.numel())
-        visible = torch.arange(kv_len, device=input_pos.device)[None, :] <= input_pos[:, None]
-        return StepContext(cos, sin, input_pos, visible, kv_len)
+        cos = self.rope.cos[positions].to(dtype)[:, None]
+        sin = self.rope.sin[positions].to(dtype)[:, None]
+        if rows is None:
+            return StepContext(cos, sin, None, slice(0, 0), None, positions.shape[-1])
+        assert kv_len is not None, "a cached forward needs kv_len"
+        visible = torch.arange(kv_len, device=positions.device) <= positions[..., None]
+        return StepContext(cos, sin, positions, rows, visible[:, None], kv_len)
 
     def forward(self, embeds: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Input embeddings [B, T, D] -> final hidden states [B, T, D] (after the last norm)."""

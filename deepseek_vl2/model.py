@@ -10,6 +10,7 @@ from torch import nn
 
 from .checkpoint import expected_internal_params, load_checkpoint
 from .config import DeepseekVL2Config
+from .execution import Execution
 from .language import Gate, LanguageModel, RotaryTables
 from .projector import Projector
 from .vision import VisionTower
@@ -52,6 +53,14 @@ class DeepseekVL2(nn.Module):
         load_checkpoint(model, path, config)
         return model.eval()
 
+    def set_execution(self, execution: Execution) -> None:
+        """Choose how every product runs (see execution.py); every module that has a choice
+        reads it from here."""
+        self.execution = execution
+        for module in self.modules():
+            if hasattr(type(module), "execution"):
+                module.execution = execution
+
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate (uninitialised) parameters; routers stay fp32, RoPE tables are computed."""
         ours = {name: tuple(p.shape) for name, p in self.named_parameters()}
@@ -66,54 +75,68 @@ class DeepseekVL2(nn.Module):
                 setattr(module, name, nn.Parameter(empty, requires_grad=False))
             if isinstance(module, RotaryTables):
                 module.reset(device)
+        self.set_execution(Execution.for_device(device, dtype))
+
+    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Pixel tiles [n, 3, S, S] through vision + projector: [n, side, side, D] features."""
+        side = self.config.tokens_per_side
+        features = self.projector(self.vision(tiles.to(device=self.device, dtype=self.dtype)))
+        return features.view(-1, side, side, self.config.language.hidden_size)
+
+    def image_span(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """One image's embeddings from its tiles' features (global view, then the local tiles of
+        a (columns, rows) grid): global rows (each + newline), separator, stitched local rows
+        (each + newline). [span_tokens, D]."""
+        nw, nh = grid
+        side, d = features.shape[1], features.shape[-1]
+        stitched = features[1:].view(nh, nw, side, side, d).permute(0, 2, 1, 3, 4)
+        stitched = stitched.reshape(nh * side, nw * side, d)
+        return torch.cat(
+            [self._with_newlines(features[0]), self.view_seperator[None], self._with_newlines(stitched)]
+        )
 
     def encode_images(
         self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor
     ) -> list[torch.Tensor]:
         """Every tile of every image through vision + projector in one batch, then each image's
-        span: global rows (each + newline), separator, stitched local rows (each + newline).
-
-        Returns one [span_tokens, D] tensor per batch row (empty for rows without images).
-        """
+        span. Returns one [span_tokens, D] tensor per batch row (empty for rows without images)."""
         crops = images_spatial_crop.tolist()
-        tiles_per_row = [self._tiles_per_image(row) for row in crops]
+        tiles_per_row = [tiles_per_image(row) for row in crops]
         tiles = [pixel_values[b, : sum(n)] for b, n in enumerate(tiles_per_row)]
         d = self.config.language.hidden_size
         if sum(t.shape[0] for t in tiles) == 0:
             return [torch.empty(0, d, device=self.device, dtype=self.dtype) for _ in crops]
 
-        features = self.projector(self.vision(torch.cat(tiles).to(self.dtype)))
-        side = self.config.tokens_per_side
-        features = features.view(-1, side, side, d)
+        features = self.encode_tiles(torch.cat(tiles))
         spans, offset = [], 0
         for row, counts in zip(crops, tiles_per_row):
             parts = []
-            for (nw, nh), n_tiles in zip(row, counts):
-                global_view, local = features[offset], features[offset + 1 : offset + n_tiles]
+            for grid, n_tiles in zip(row, counts):
+                parts.append(self.image_span(features[offset : offset + n_tiles], grid))
                 offset += n_tiles
-                stitched = local.view(nh, nw, side, side, d).permute(0, 2, 1, 3, 4)
-                stitched = stitched.reshape(nh * side, nw * side, d)
-                parts += [
-                    self._with_newlines(global_view),
-                    self.view_seperator[None],
-                    self._with_newlines(stitched),
-                ]
             spans.append(torch.cat(parts) if parts else features.new_empty(0, d))
         return spans
-
-    @staticmethod
-    def _tiles_per_image(crops: list[list[int]]) -> list[int]:
-        counts = []
-        for nw, nh in crops:
-            if nw == 0 or nh == 0:
-                break  # a zero row ends the image list of a padded batch row
-            counts.append(1 + nw * nh)
-        return counts
 
     def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
         rows = grid.shape[0]
         newline = self.image_newline.expand(rows, 1, -1)
         return torch.cat([grid, newline], dim=1).flatten(0, 1)
+
+    def embed_prompt(
+        self, input_ids: torch.Tensor, images_seq_mask: torch.Tensor, spans: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """One prompt's token embeddings [T, D] with its image positions [T] replaced, in order, by
+        the image spans."""
+        embeds = self.language.model.embed_tokens(input_ids.to(self.device))
+        positions = images_seq_mask.to(self.device).nonzero().squeeze(-1)
+        span = torch.cat(spans) if spans else embeds.new_empty(0, embeds.shape[-1])
+        if positions.numel() != span.shape[0]:
+            raise ValueError(
+                f"{positions.numel()} image positions in the prompt but the images produce "
+                f"{span.shape[0]} embeddings"
+            )
+        embeds[positions] = span.to(embeds.dtype)
+        return embeds
 
     def embed(
         self,
@@ -122,18 +145,11 @@ class DeepseekVL2(nn.Module):
         images_seq_mask: torch.Tensor,
         images_spatial_crop: torch.Tensor,
     ) -> torch.Tensor:
-        """Token embeddings with every image position replaced, in order, by the image spans."""
-        embeds = self.language.model.embed_tokens(input_ids.to(self.device))
+        """Token embeddings [B, T, D] of a batch, image positions replaced by the image spans."""
         spans = self.encode_images(pixel_values.to(self.device), images_spatial_crop)
-        for b, span in enumerate(spans):
-            positions = images_seq_mask[b].to(self.device).nonzero().squeeze(-1)
-            if positions.numel() != span.shape[0]:
-                raise ValueError(
-                    f"batch row {b}: {positions.numel()} image positions in the prompt but the "
-                    f"images produce {span.shape[0]} embeddings"
-                )
-            embeds[b, positions] = span.to(embeds.dtype)
-        return embeds
+        return torch.stack(
+            [self.embed_prompt(ids, mask, [span]) for ids, mask, span in zip(input_ids, images_seq_mask, spans)]
+        )
 
     @torch.inference_mode()
     def forward(
@@ -145,6 +161,16 @@ class DeepseekVL2(nn.Module):
     ) -> torch.Tensor:
         """Full prefill without cache: fp32 logits [B, T, V] at every position."""
         embeds = self.embed(input_ids, pixel_values, images_seq_mask, images_spatial_crop)
-        positions = torch.arange(input_ids.shape[1], device=self.device)
-        hidden = self.language(embeds, self.language.context(positions, kv_len=None))
+        positions = torch.arange(input_ids.shape[1], device=self.device)[None]
+        hidden = self.language(embeds, self.language.context(positions))
         return self.language.logits(hidden)
+
+
+def tiles_per_image(crops: list[list[int]]) -> list[int]:
+    """Tiles of each image (global view + columns x rows local tiles) from its spatial crop."""
+    counts = []
+    for nw, nh in crops:
+        if nw == 0 or nh == 0:
+            break  # a zero row ends the image list of a padded batch row
+        counts.append(1 + nw * nh)
+    return counts

@@ -8,6 +8,7 @@ from torch import nn
 
 from .checkpoint import projector_layer_dims
 from .config import ProjectorConfig
+from .execution import Linear
 
 
 class Projector(nn.Module):
@@ -18,7 +19,7 @@ class Projector(nn.Module):
         for fan_in, fan_out in projector_layer_dims(cfg):
             if layers:
                 layers.append(nn.GELU())  # exact erf form, unlike the vision tower's tanh GELU
-            layers.append(nn.Linear(fan_in, fan_out))
+            layers.append(Linear(fan_in, fan_out))
         self.layers = nn.Sequential(*layers)
 
     def space_to_depth(self, x: torch.Tensor) -> torch.Tensor:

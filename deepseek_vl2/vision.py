@@ -12,24 +12,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .execution import Execution, Linear
 
 
 class PatchEmbed(nn.Module):
+    execution = Execution()
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # A stride-14 conv over 384 px covers 27 patches; the last 6 rows/cols are never seen.
-        return self.proj(pixels).flatten(2).transpose(1, 2)
+        weight, bias = self.proj.weight, self.proj.bias
+        patches = pixels.shape[0] * (pixels.shape[-1] // weight.shape[-1]) ** 2
+        dtype = self.execution.compute_dtype(patches, weight.dtype)
+        out = F.conv2d(pixels.to(dtype), weight.to(dtype), bias.to(dtype), stride=self.proj.stride)
+        return out.to(pixels.dtype).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.qkv = Linear(cfg.width, 3 * cfg.width)
+        self.proj = Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape
@@ -41,8 +48,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_hidden)
-        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
+        self.fc1 = Linear(cfg.width, cfg.mlp_hidden)
+        self.fc2 = Linear(cfg.mlp_hidden, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

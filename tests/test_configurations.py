@@ -52,11 +52,11 @@ def test_cached_paths_agree_with_full_forward(name):
     language.setup_cache(1, 64)
     embeds = language.model.embed_tokens(ids)
     for start in range(0, 32, 16):  # chunked prefill of the first 32 tokens
-        positions = torch.arange(start, start + 16)
-        ctx = language.context(positions, kv_len=start + 16)
+        positions = torch.arange(start, start + 16)[None]
+        ctx = language.context(positions, rows=slice(0, 1), kv_len=start + 16)
         hidden = language(embeds[:, start : start + 16], ctx)
     torch.testing.assert_close(language.logits(hidden[:, -1])[0], full[31], rtol=0, atol=1e-4)
     for position in range(32, 40):  # then one token at a time
-        ctx = language.context(torch.tensor([position]), kv_len=position + 1)
+        ctx = language.context(torch.tensor([[position]]), rows=slice(0, 1), kv_len=position + 1)
         step = language(embeds[:, position : position + 1], ctx)
         torch.testing.assert_close(language.logits(step[:, -1])[0], full[position], rtol=0, atol=1e-4)

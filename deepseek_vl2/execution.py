@@ -1,0 +1,74 @@
+"""How the model's products run on its device: one explicit setting per model, chosen from the
+device and the weights' dtype, so that every device-specific branch can be forced and tested on
+the CPU.
+
+The choices, and the measurements behind them (2-core AVX2 CPU without bf16 units, torch 2.13):
+- A product with a few rows (batched decode) is fastest on the CPU in fp32 as `W @ x^T`: MKL then
+  streams the weight once for all rows (129280x1280 head: 1 row 39 ms, 4 rows 34 ms), whereas
+  `x @ W^T` repacks the weight (4 rows 129 ms).
+- bf16 products stream a matrix-vector product twice as fast as fp32 (half the bytes) but run
+  matrix-matrix products about 8x slower, with no amortisation over rows. With bf16 weights on
+  the CPU, products of many rows (vision tower, prefill chunks) are therefore computed in fp32
+  from the bf16 weights, one weight at a time, and rounded back to bf16.
+- Experts: on CUDA the decode step is captured in a CUDA graph, which forbids the host sync of the
+  grouped path, so few tokens use a sync-free path (`Experts` picks gathered or dense by cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Execution:
+    # Experts for batches of at most this many tokens run without a host sync (0: never), by
+    # "gathered" or "dense" products, or "auto": whichever moves fewer bytes.
+    sync_free_expert_tokens: int = 0
+    sync_free_experts: str = "auto"
+    # Products with 2..this many rows run as W @ x^T (0: never).
+    transposed_max_rows: int = 0
+    # With low-precision weights, products of at least this many rows compute in fp32 (0: never).
+    upcast_min_rows: int = 0
+
+    @classmethod
+    def for_device(cls, device: torch.device, dtype: torch.dtype) -> Execution:
+        if device.type == "cuda":
+            return cls(sync_free_expert_tokens=64)
+        if dtype == torch.float32:
+            return cls(transposed_max_rows=16)
+        return cls(upcast_min_rows=16)
+
+    def __post_init__(self) -> None:
+        if self.sync_free_experts not in ("auto", "gathered", "dense"):
+            raise ValueError(f"sync_free_experts must be auto, gathered or dense, got {self.sync_free_experts!r}")
+
+    def compute_dtype(self, rows: int, weight_dtype: torch.dtype) -> torch.dtype:
+        if self.upcast_min_rows and rows >= self.upcast_min_rows and weight_dtype != torch.float32:
+            return torch.float32
+        return weight_dtype
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        dtype = self.compute_dtype(rows, weight.dtype)
+        if dtype != weight.dtype:
+            bias = None if bias is None else bias.to(dtype)
+            return F.linear(x.to(dtype), weight.to(dtype), bias).to(x.dtype)
+        if 1 < rows <= self.transposed_max_rows:
+            out = torch.mm(weight, x.reshape(rows, -1).T).T
+            if bias is not None:
+                out = out + bias
+            return out.reshape(*x.shape[:-1], weight.shape[0])
+        return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product follows the model's `Execution` (set by `DeepseekVL2.set_execution`)."""
+
+    execution = Execution()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.execution.linear(x, self.weight, self.bias)
