@@ -1,42 +1,43 @@
-"""Generation engine: processor -> vision -> chunked prefill into the KV cache -> sampled decode.
+"""Generation engine: the public API over the scheduler.
 
-The cache is allocated once for the whole context and reused by every request, so decode shapes
-never change and the decode step can be compiled (CUDA) once. Prefill runs in chunks straight into
-the cache, which bounds activation memory without moving anything off the device.
+`generate`, `stream` and `generate_async` may be called from any number of threads and event loops
+at once. Each call runs the processor in the caller's thread (tokenization, tiling and the context
+check fail there, before anything is queued), then hands the request to the scheduler thread, which
+batches it with the others (scheduler.py) and sends its tokens back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import queue
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
 
 from .model import DeepseekVL2
 from .processor import Processor, ProcessorOutput
-from .sampling import Sampler, SamplingParams
+from .request import Event, Request, Timings
+from .runner import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP, ModelRunner, default_max_batch
+from .sampling import SamplingParams
+from .scheduler import Scheduler
 from .tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Timings:
-    preprocess_s: float = 0.0
-    vision_s: float = 0.0
-    prefill_s: float = 0.0
-    first_token_s: float = 0.0  # from the start of the request
-    decode_s: float = 0.0
-    decode_tokens: int = 0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+MAX_BATCH_ENV = "DEEPSEEK_VL2_MAX_BATCH"
+PREFILL_CHUNK_ENV = "DEEPSEEK_VL2_PREFILL_CHUNK"
+DEFAULT_PREFILL_CHUNK = 512
+# Tiles per vision step: on a GPU all of a request's tiles (at most 3 images x 10); on the CPU,
+# where one 384x384 tile takes seconds, two at a time so running answers keep flowing.
+DEFAULT_VISION_CHUNK_TILES = {"cuda": 32, "cpu": 2}
 
 
 @dataclass
@@ -61,27 +62,60 @@ def default_device_and_dtype() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def _env_int(name: str, environ: Mapping[str, str] = os.environ) -> int | None:
+    """A positive integer setting from the environment, or None when unset."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def planned_max_batch(cuda: bool, environ: Mapping[str, str] = os.environ) -> int:
+    """The batch size to plan for before a model is loaded (the HTTP concurrency limit):
+    DEEPSEEK_VL2_MAX_BATCH, else the GPU cap or the CPU default. On a GPU the engine may find room
+    for fewer rows; the surplus requests then wait in its queue."""
+    return _env_int(MAX_BATCH_ENV, environ) or (GPU_MAX_BATCH_CAP if cuda else CPU_DEFAULT_MAX_BATCH)
+
+
 class Engine:
     def __init__(
         self,
         model: DeepseekVL2,
         processor: Processor,
-        prefill_chunk_size: int = 1024,
+        *,
+        max_batch: int | None = None,
+        prefill_chunk_size: int | None = None,
+        vision_chunk_tiles: int | None = None,
         compile_decode: bool | None = None,
     ):
-        if prefill_chunk_size < 1:
-            raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+        """One engine per model: it owns the model's KV cache and runs it on its own thread.
+
+        Unset arguments come from DEEPSEEK_VL2_MAX_BATCH / DEEPSEEK_VL2_PREFILL_CHUNK, then from
+        defaults: max_batch from memory (runner.default_max_batch), prefill chunks of 512 tokens,
+        decode compiled on CUDA.
+        """
         self.model, self.processor = model, processor
         self.config = model.config
-        self.prefill_chunk_size = prefill_chunk_size
         self.context_length = self.config.language.max_position_embeddings
         self.eos_id = processor.tokenizer.eos_id
+        max_batch = max_batch or _env_int(MAX_BATCH_ENV) or default_max_batch(model)
+        prefill_chunk_size = prefill_chunk_size or _env_int(PREFILL_CHUNK_ENV) or DEFAULT_PREFILL_CHUNK
+        if vision_chunk_tiles is None:
+            vision_chunk_tiles = DEFAULT_VISION_CHUNK_TILES.get(self.device.type, 2)
         if compile_decode is None:
             compile_decode = self.device.type == "cuda"
-        # Compiled decode attends over the whole fixed-size cache so its shapes never change.
-        self._compiled_decode: Callable[..., torch.Tensor] | None = (
-            torch.compile(self._decode_step, mode="reduce-overhead") if compile_decode else None
-        )
+        self.runner = ModelRunner(model, max_batch, compile_decode)
+        self.scheduler = Scheduler(self.runner, self.eos_id, prefill_chunk_size, vision_chunk_tiles)
+        # Stop the scheduler thread when the engine is dropped or the interpreter exits (a thread
+        # still inside torch at exit aborts the process).
+        self._stop_scheduler = weakref.finalize(self, self.scheduler.close)
+        log.info(
+            "engine ready: batch up to %d, prefill chunks of %d tokens, vision batches of %d tiles, "
+            "decode %s", max_batch, prefill_chunk_size, vision_chunk_tiles,
+            "compiled" if self.runner.decode_compiled else "eager",
+        )  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +124,10 @@ class Engine:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    @property
+    def max_batch(self) -> int:
+        return self.runner.max_batch
 
     @classmethod
     def from_pretrained(
@@ -112,6 +150,16 @@ class Engine:
         )  # fmt: skip
         return cls(model, processor, **kwargs)
 
+    def close(self) -> None:
+        """Stop the scheduler thread; unfinished requests fail with EngineClosed."""
+        self._stop_scheduler()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     # ---- public API -------------------------------------------------------------------------
 
     def generate(
@@ -127,7 +175,10 @@ class Engine:
         seed: int | None = None,
     ) -> GenerationResult:
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
-        return self._run(messages, images, max_new_tokens, params)
+        events: queue.Queue[Event] = queue.Queue()
+        request = self._prepare(messages, images, max_new_tokens, params, events.put)
+        self._submit(request)
+        return self._result(request, list(self._tokens(request, events)))
 
     def stream(
         self,
@@ -141,11 +192,14 @@ class Engine:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Yield the answer's text as it is produced (never half a UTF-8 character)."""
+        """Yield the answer's text as it is produced (never half a UTF-8 character). Closing the
+        iterator early cancels the request."""
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
+        events: queue.Queue[Event] = queue.Queue()
+        request = self._prepare(messages, images, max_new_tokens, params, events.put)
+        self._submit(request)
         decoder = StreamDecoder(self.processor.tokenizer)
-        batch, timings, started, allowed, _ = self._prepare(messages, images, max_new_tokens)
-        for token in self._tokens(batch, allowed, params, timings, started):
+        for token in self._tokens(request, events):
             piece = decoder.push(token)
             if piece:
                 yield piece
@@ -153,139 +207,106 @@ class Engine:
         if tail:
             yield tail
 
+    async def generate_async(
+        self,
+        messages: Sequence[dict[str, Any]],
+        images: Sequence[Image.Image] = (),
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 50,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """`generate` for an event loop: never blocks it; cancelling the awaiting task cancels
+        the request, which leaves the batch at the scheduler's next step."""
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        notify = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
+        # Prepared in a worker thread but submitted here: a task cancelled while the processor
+        # runs never queues its request.
+        request = await asyncio.to_thread(self._prepare, messages, images, max_new_tokens, params, notify)
+        self._submit(request)
+        tokens: list[int] = []
+        try:
+            while (event := await events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                tokens.append(event)
+        finally:
+            request.cancel()  # a no-op once finished
+        return self._result(request, tokens)
+
     # ---- stages ---------------------------------------------------------------------------
 
-    def _run(self, messages, images, max_new_tokens, params) -> GenerationResult:
-        batch, timings, started, allowed, clipped = self._prepare(messages, images, max_new_tokens)
-        tokens = list(self._tokens(batch, allowed, params, timings, started))
+    def _prepare(
+        self,
+        messages: Sequence[dict[str, Any]],
+        images: Sequence[Image.Image],
+        max_new_tokens: int,
+        params: SamplingParams,
+        notify: Callable[[Event], None],
+    ) -> Request:
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        timings = Timings()
+        inputs = self.processor(messages, list(images))
+        timings.preprocess_s = time.perf_counter() - timings.started
+        self._check_fits(inputs)
+        allowed = self._clip(inputs, max_new_tokens)
+        return Request(inputs, params, allowed, allowed < max_new_tokens, notify, timings)
+
+    def _submit(self, request: Request) -> None:
+        if request.max_new_tokens == 0:
+            request.emit(None)  # nothing to generate: the model is never touched
+        else:
+            self.scheduler.submit(request)
+
+    @staticmethod
+    def _tokens(request: Request, events: queue.Queue[Event]) -> Iterator[int]:
+        try:
+            while (event := events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            request.cancel()  # the consumer stopped early (or it finished: then a no-op)
+
+    def _result(self, request: Request, tokens: list[int]) -> GenerationResult:
         return GenerationResult(
             text=self.processor.decode(tokens),
             token_ids=tokens,
-            prompt_tokens=batch.input_ids.shape[1],
+            prompt_tokens=request.prompt_len,
             stopped_on_eos=bool(tokens) and tokens[-1] == self.eos_id,
-            max_new_tokens=allowed,
-            max_new_tokens_clipped=clipped,
-            timings=timings,
+            max_new_tokens=request.max_new_tokens,
+            max_new_tokens_clipped=request.max_new_tokens_clipped,
+            timings=request.timings,
         )
 
-    def _prepare(
-        self, messages, images, max_new_tokens: int
-    ) -> tuple[ProcessorOutput, Timings, float, int, bool]:
-        """Processor outputs, timings so far, start time, and the allowed new tokens (clipped?)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        started = time.perf_counter()
-        batch = self.processor(messages, list(images))
-        timings = Timings(preprocess_s=time.perf_counter() - started)
-        self._check_fits(batch)
-        allowed, clipped = self._clip(batch, max_new_tokens)
-        return batch, timings, started, allowed, clipped
-
-    def _check_fits(self, batch: ProcessorOutput) -> None:
-        prompt = batch.input_ids.shape[1]
+    def _check_fits(self, inputs: ProcessorOutput) -> None:
+        prompt = inputs.input_ids.shape[1]
         if prompt < self.context_length:
             return
-        crops = batch.images_spatial_crop[0].tolist()
+        crops = inputs.images_spatial_crop[0].tolist()
         uses = [
             f"image {i + 1} ({nw}x{nh} tiles): {n} tokens"
-            for i, ((nw, nh), n) in enumerate(zip(crops, batch.image_token_counts))
+            for i, ((nw, nh), n) in enumerate(zip(crops, inputs.image_token_counts))
         ]
-        uses.append(f"text: {prompt - sum(batch.image_token_counts)} tokens")
+        uses.append(f"text: {prompt - sum(inputs.image_token_counts)} tokens")
         raise ContextOverflowError(
             f"the prompt is {prompt} tokens but the model's context holds {self.context_length} "
             f"(prompt and answer together); {'; '.join(uses)}. Use fewer or smaller images "
             f"(more than two images are each reduced to one tile) or a shorter text."
         )
 
-    def _clip(self, batch: ProcessorOutput, max_new_tokens: int) -> tuple[int, bool]:
-        room = self.context_length - batch.input_ids.shape[1]
+    def _clip(self, inputs: ProcessorOutput, max_new_tokens: int) -> int:
+        room = self.context_length - inputs.input_ids.shape[1]
         if max_new_tokens > room:
             log.warning(
                 "max_new_tokens %d clipped to %d: the prompt uses %d of %d context tokens",
-                max_new_tokens, room, batch.input_ids.shape[1], self.context_length,
+                max_new_tokens, room, inputs.input_ids.shape[1], self.context_length,
             )  # fmt: skip
-            return room, True
-        return max_new_tokens, False
-
-    @torch.inference_mode()
-    def _tokens(
-        self,
-        batch: ProcessorOutput,
-        max_new_tokens: int,
-        params: SamplingParams,
-        timings: Timings,
-        started: float,
-    ) -> Iterator[int]:
-        if max_new_tokens == 0:
-            return
-        language = self.model.language
-        input_ids = batch.input_ids.to(self.device)
-        prompt_len = input_ids.shape[1]
-
-        t0 = time.perf_counter()
-        embeds = self.model.embed(
-            input_ids, batch.pixel_values, batch.images_seq_mask, batch.images_spatial_crop
-        )
-        self._sync()
-        timings.vision_s = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        logits = self.prefill(embeds)
-        sampler = Sampler(params, language.config.vocab_size, input_ids)
-        token = sampler(logits)
-        self._sync()
-        now = time.perf_counter()
-        timings.prefill_s, timings.first_token_s = now - t0, now - started
-        log.info(
-            "prompt %d tokens (images %s): preprocess %.2f s, vision %.2f s, prefill %.2f s (%.0f tok/s)",
-            prompt_len, batch.image_token_counts, timings.preprocess_s, timings.vision_s,
-            timings.prefill_s, prompt_len / max(timings.prefill_s, 1e-9),
-        )  # fmt: skip
-
-        t0 = time.perf_counter()
-        for step in range(max_new_tokens):
-            token_id = int(token)
-            yield token_id
-            if token_id == self.eos_id or step == max_new_tokens - 1:
-                break
-            logits = self._decode(token.view(1, 1), prompt_len + step)
-            token = sampler(logits)
-            timings.decode_tokens += 1
-        timings.decode_s = time.perf_counter() - t0
-        if timings.decode_tokens:
-            log.info(
-                "decoded %d tokens in %.2f s (%.1f tok/s)",
-                timings.decode_tokens, timings.decode_s, timings.decode_tokens_per_s,
-            )  # fmt: skip
-
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Run the prompt through the decoder in chunks, filling the cache; logits of the last token."""
-        language = self.model.language
-        language.setup_cache(1, self.context_length)
-        prompt_len = embeds.shape[1]
-        for start in range(0, prompt_len, self.prefill_chunk_size):
-            end = min(start + self.prefill_chunk_size, prompt_len)
-            positions = torch.arange(start, end, device=self.device)
-            hidden = language(embeds[:, start:end], language.context(positions, kv_len=end))
-        return language.logits(hidden[:, -1])
-
-    def _decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        input_pos = torch.tensor([position], device=self.device)
-        if self._compiled_decode is not None:
-            try:
-                return self._compiled_decode(token, input_pos, self.context_length)
-            except Exception as error:  # a compiler problem must cost speed, never the answer
-                log.warning("compiled decode failed (%s); decoding eagerly from now on", error)
-                self._compiled_decode = None
-        return self._decode_step(token, input_pos, position + 1)
-
-    def _decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """One token at `input_pos`, attending over the first `kv_len` cache entries (masked)."""
-        language = self.model.language
-        embeds = language.model.embed_tokens(token)
-        hidden = language(embeds, language.context(input_pos, kv_len=kv_len))
-        return language.logits(hidden[:, -1])
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            return room
+        return max_new_tokens

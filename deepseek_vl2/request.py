@@ -1,0 +1,106 @@
+"""One generation request as the scheduler tracks it: inputs, sampling state, cache row, progress,
+and the channel its tokens go out through."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from .processor import ProcessorOutput
+from .sampling import Sampler, SamplingParams
+
+# What the scheduler reports to whoever waits on a request, in order: each new token id, then
+# None when it has finished, or the exception that failed it.
+Event = int | BaseException | None
+
+
+class Status(Enum):
+    WAITING = "waiting"  # queued (FIFO) until a cache row is free
+    PREFILLING = "prefilling"  # owns a cache row; vision and prefill run a chunk per step
+    RUNNING = "running"  # in the decode batch
+    FINISHED = "finished"
+
+
+@dataclass
+class Timings:
+    started: float = field(default_factory=time.perf_counter)  # when the request was made
+    preprocess_s: float = 0.0
+    queue_s: float = 0.0  # waiting for a cache row
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # seconds since `started`, per token
+
+    @property
+    def first_token_s(self) -> float:
+        return self.token_times[0] if self.token_times else 0.0
+
+    @property
+    def decode_tokens(self) -> int:
+        return max(len(self.token_times) - 1, 0)
+
+    @property
+    def decode_s(self) -> float:
+        return self.token_times[-1] - self.token_times[0] if self.decode_tokens else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    inputs: ProcessorOutput
+    params: SamplingParams
+    max_new_tokens: int  # after the context guard
+    max_new_tokens_clipped: bool  # lowered by the context guard?
+    notify: Callable[[Event], None]
+    timings: Timings
+    id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    row: int = -1  # cache row while PREFILLING or RUNNING
+    tokens: list[int] = field(default_factory=list)
+    sampler: Sampler | None = None
+    # Prefill progress: vision features of the tiles encoded so far, the prompt embeddings once
+    # complete, and how many prompt positions are in the cache.
+    features: list[torch.Tensor] = field(default_factory=list)
+    embeds: torch.Tensor | None = None
+    prefilled: int = 0
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.inputs.input_ids.shape[1]
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        """[n_tiles, 3, S, S]: every image's global view then local tiles."""
+        return self.inputs.pixel_values[0]
+
+    @property
+    def cached_len(self) -> int:
+        """Cache positions written: the prompt, then every generated token but the last."""
+        return self.prefilled + max(len(self.tokens) - 1, 0)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request at its next step (safe from any thread)."""
+        self._cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        """Report to the waiter; a waiter that has gone away cancels the request."""
+        try:
+            self.notify(event)
+        except Exception:  # e.g. the waiter's event loop is closed
+            self.cancel()
