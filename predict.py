@@ -3,6 +3,7 @@
 All model logic lives in the `deepseek_vl2` package; this file only adapts it to Cog.
 """
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -13,11 +14,12 @@ import time
 import typing
 from typing import Any, Optional
 
+import cog
 import torch
 from cog import BaseModel, BasePredictor, FieldInfo, Input, Path
 from PIL import Image
 
-from deepseek_vl2 import Engine, build_messages
+from deepseek_vl2 import Engine, GenerationResult, build_messages
 from deepseek_vl2.grounding import render_grounding
 from deepseek_vl2.images import load_image, local_files_allowed
 from deepseek_vl2.weights import is_demo_checkpoint, resolve_weights
@@ -64,7 +66,11 @@ class Predictor(BasePredictor):
         if is_demo_checkpoint(weights_dir):
             logger.warning("%s is a random-weight DEMO checkpoint: answers are noise.", weights_dir)
 
-    def predict(
+    # As many concurrent predictions as the engine batches on a GPU (runner.GPU_MAX_BATCH_CAP). `cog
+    # build` reads this literal; a server started by hand takes COG_MAX_CONCURRENCY instead, which
+    # deepseek_vl2/local_server.py sets from DEEPSEEK_VL2_MAX_BATCH (default 4 on the CPU).
+    @cog.concurrent(max=16)
+    async def predict(
         self,
         text: str = Input(
             default="Describe this image.",
@@ -143,8 +149,10 @@ class Predictor(BasePredictor):
             seed_value = int.from_bytes(os.urandom(4), "big") >> 1
             logger.info("Using seed %d", seed_value)
 
-        images = _load_images(arguments)
-        result = self.engine.generate(
+        images = await asyncio.to_thread(_load_images, arguments)
+        # Cancellation (POST /predictions/<id>/cancel, or a client that disconnects) arrives here
+        # as asyncio.CancelledError, and the engine drops the request at its next step.
+        result = await self.engine.generate_async(
             build_messages(arguments["text"], len(images)),
             images,
             max_new_tokens=arguments["max_new_tokens"],
@@ -162,7 +170,21 @@ class Predictor(BasePredictor):
                 result.prompt_tokens,
                 result.max_new_tokens,
             )
-        return ModelOutput(img_out=_grounding_image(result.text, images[-1]), text_out=result.text)
+        for name, value in prediction_metrics(result).items():
+            self.record_metric(name, value)
+        boxes = await asyncio.to_thread(_grounding_image, result.text, images[-1])
+        return ModelOutput(img_out=boxes, text_out=result.text)
+
+
+def prediction_metrics(result: GenerationResult) -> dict[str, Any]:
+    """Replicate's metrics for language models. Times are from the moment the engine got the
+    request (images already downloaded); tokens_per_second counts the tokens after the first."""
+    return {
+        "input_token_count": result.prompt_tokens,
+        "output_token_count": len(result.token_ids),
+        "time_to_first_token": round(result.timings.first_token_s, 4),
+        "tokens_per_second": round(result.timings.decode_tokens_per_s, 2),
+    }
 
 
 # The Input(...) declarations, captured at import: the Cog worker later replaces the signature's
@@ -219,12 +241,25 @@ def _output_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="deepseek-vl2-"))
 
 
+# A grounding image is read by Cog right after its prediction returns; older ones are deleted so a
+# long-running server does not fill its disk.
+GROUNDING_IMAGE_LIFETIME_S = 600
+
+
 def _grounding_image(answer: str, last_image: Image.Image) -> Optional[Path]:
     drawn = render_grounding(answer, last_image)
     if drawn is None:
         return None
-    # One file, overwritten by every prediction: Cog has sent it before the next prediction
-    # starts (one at a time), and a long-running server must not fill its disk with old images.
-    output = _output_dir() / "grounding.png"
-    drawn.save(output, format="PNG")
-    return output
+    directory = _output_dir()
+    expired = time.time() - GROUNDING_IMAGE_LIFETIME_S
+    for old in directory.glob("grounding-*.png"):
+        try:
+            if old.stat().st_mtime < expired:
+                old.unlink()
+        except FileNotFoundError:
+            pass  # a concurrent prediction removed it first
+    # A file of its own: concurrent predictions must not overwrite each other's image.
+    handle, name = tempfile.mkstemp(prefix="grounding-", suffix=".png", dir=directory)
+    with os.fdopen(handle, "wb") as output:
+        drawn.save(output, format="PNG")
+    return Path(name)

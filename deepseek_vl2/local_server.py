@@ -19,8 +19,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .engine import planned_max_batch
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+CONCURRENCY_ENV = "COG_MAX_CONCURRENCY"
 
 
 class ServerError(RuntimeError):
@@ -49,6 +54,10 @@ class LocalCogServer:
             "PORT": str(self.port),
             **(extra_env or {}),
         }
+        # A server started by hand ignores @cog.concurrent; its limit is this variable. Default:
+        # as many predictions as the engine batches (predict.MAX_CONCURRENCY).
+        if not self._env.get(CONCURRENCY_ENV):
+            self._env[CONCURRENCY_ENV] = str(planned_max_batch(torch.cuda.is_available(), self._env))
         self._log = tempfile.NamedTemporaryFile(prefix="cog-server-", suffix=".log", delete=False)
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -119,15 +128,29 @@ class LocalCogServer:
             status = self.health_status()
         return status
 
-    def predict(self, inputs: dict[str, Any], timeout_s: float = 300.0) -> tuple[int, Any]:
-        """POST /predictions; returns (HTTP status, decoded JSON body), also for 4xx answers."""
+    def predict(
+        self, inputs: dict[str, Any], prediction_id: str | None = None, timeout_s: float = 300.0
+    ) -> tuple[int, Any]:
+        """Run a prediction and wait for it: POST /predictions, or PUT /predictions/<id> when an
+        id is given (so that it can be cancelled). Returns (HTTP status, decoded JSON body), also
+        for 4xx answers."""
+        if prediction_id is None:
+            return self._request("POST", "/predictions", {"input": inputs}, timeout_s)
+        return self._request("PUT", f"/predictions/{prediction_id}", {"input": inputs}, timeout_s)
+
+    def cancel(self, prediction_id: str) -> int:
+        """POST /predictions/<id>/cancel; the HTTP status."""
+        return self._request("POST", f"/predictions/{prediction_id}/cancel", None, 10.0)[0]
+
+    def _request(self, method: str, path: str, body: Any, timeout_s: float) -> tuple[int, Any]:
         request = urllib.request.Request(
-            f"{self.base_url}/predictions",
-            data=json.dumps({"input": inputs}).encode(),
+            self.base_url + path,
+            data=json.dumps(body).encode() if body is not None else b"",
             headers={"Content-Type": "application/json"},
+            method=method,
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return response.status, json.load(response)
+                return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"null")

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deepseek_vl2.local_server import LocalCogServer
+from parity import case, served_answer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGES = FIXTURES / "images"
@@ -34,6 +38,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCogServer]
         # A temporary directory of its own for the downloaded inputs, so that the repository's
         # files are outside it even when the checkout itself lies under /tmp.
         "TMPDIR": str(tmp_path_factory.mktemp("server-tmp")),
+        # Four rows in the engine; the launcher sets COG_MAX_CONCURRENCY to match.
+        "DEEPSEEK_VL2_MAX_BATCH": "4",
     }
     with LocalCogServer(environment) as running:
         yield running
@@ -136,3 +142,82 @@ def test_openapi_document_is_served(server: LocalCogServer) -> None:
     with urllib.request.urlopen(f"{server.base_url}/openapi.json", timeout=5) as response:
         document = json.load(response)
     assert document["components"]["schemas"]["Input"]["required"] == ["image1"]
+
+
+def parity_request(key: str, penalty: float) -> tuple[dict[str, Any], str, int]:
+    """Inputs that reproduce an official greedy run; its served text and prompt length."""
+    c = case(key)
+    [user, _assistant] = c["messages"]
+    [run] = [g for g in c["generation"] if g["repetition_penalty"] == penalty]
+    inputs = {f"image{i}": data_uri(IMAGES / name) for i, name in enumerate(user["images"], 1)}
+    inputs |= {
+        "text": user["content"],
+        "max_new_tokens": run["n_new"],
+        "temperature": 0,
+        "repetition_penalty": penalty,
+    }
+    return inputs, served_answer(run), c["seq_len"]
+
+
+# Four different requests (one image or two, two penalties), each with its official answer.
+FOUR = [parity_request(k, p) for k in ("tiny-mla/m_one", "tiny-mla/m_two") for p in (1.0, 1.1)]
+# A request that would run for thousands of tokens unless cancelled.
+ENDLESS = {"image1": SMALL_IMAGE, "text": "Count.", "max_new_tokens": 4000, "temperature": 0}
+
+
+def predict_all(server: LocalCogServer, requests: list[dict[str, Any]]) -> list[tuple[int, Any]]:
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(server.predict, requests))
+
+
+def test_four_simultaneous_predictions_succeed_with_their_metrics(server: LocalCogServer) -> None:
+    results = predict_all(server, [inputs for inputs, _, _ in FOUR])
+    for (inputs, answer, prompt_tokens), (status, body) in zip(FOUR, results):
+        assert status == 200 and body["status"] == "succeeded", body
+        assert body["output"]["text_out"] == answer
+        metrics = body["metrics"]
+        assert metrics["input_token_count"] == prompt_tokens
+        assert metrics["output_token_count"] == inputs["max_new_tokens"]
+        assert 0 < metrics["time_to_first_token"] < metrics["predict_time"]
+        assert metrics["tokens_per_second"] > 0
+
+
+def test_eight_at_once_succeed_correctly_or_get_409(server: LocalCogServer) -> None:
+    requests = FOUR + FOUR
+    results = predict_all(server, [inputs for inputs, _, _ in requests])
+    succeeded = [
+        (answer, body) for (_, answer, _), (status, body) in zip(requests, results) if status == 200
+    ]
+    assert len(succeeded) >= 4
+    assert all(body["output"]["text_out"] == answer for answer, body in succeeded)
+    assert sorted(status for status, _ in results if status != 200) == [409] * (8 - len(succeeded))
+
+
+def test_cancelling_one_of_four_lets_the_other_three_succeed(server: LocalCogServer) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        doomed = pool.submit(server.predict, ENDLESS, "endless-prediction")
+        others = [pool.submit(server.predict, inputs) for inputs, _, _ in FOUR[:3]]
+        time.sleep(1.0)
+        assert server.cancel("endless-prediction") == 200
+        status, body = doomed.result()
+        assert status == 200 and body["status"] == "canceled", body
+        for (_, answer, _), other in zip(FOUR[:3], others):
+            status, body = other.result()
+            assert status == 200 and body["output"]["text_out"] == answer, body
+
+
+def test_a_client_that_disconnects_frees_its_row(server: LocalCogServer) -> None:
+    cancellations = server.log_text().count("cancelled after")
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request(
+        "POST", "/predictions", json.dumps({"input": ENDLESS}), {"Content-Type": "application/json"}
+    )
+    time.sleep(1.0)
+    connection.close()  # the client goes away mid-answer
+    deadline = time.monotonic() + 10
+    while server.log_text().count("cancelled after") == cancellations and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log_text().count("cancelled after") == cancellations + 1  # the engine dropped it
+    # All four rows are free again: four predictions at once all succeed.
+    results = predict_all(server, [inputs for inputs, _, _ in FOUR])
+    assert [status for status, _ in results] == [200] * 4

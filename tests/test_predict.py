@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,13 @@ from PIL import Image
 import predict
 from deepseek_vl2.grounding import PALETTE, to_pixel_box
 from deepseek_vl2.images import ALLOW_LOCAL_FILES_ENV
+from deepseek_vl2.request import Timings
+from parity import served_answer
 
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 IMAGES = FIXTURES / "images"
 PROJECT_ROOT = TESTS.parent
-SPECIAL_TOKENS_REMOVED = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>")
 
 # Robust official greedy runs (no near-tie step, tests/fixtures/README.md §6.4) that a single
 # user turn can express: the Predictor must reproduce their text exactly.
@@ -53,6 +55,8 @@ class FakeResult:
     prompt_tokens: int = 100
     max_new_tokens: int = 16
     max_new_tokens_clipped: bool = False
+    token_ids: list[int] = field(default_factory=lambda: [5, 6, 7])
+    timings: Timings = field(default_factory=lambda: Timings(token_times=[0.5, 0.75, 1.0]))
 
 
 class RecordingEngine:
@@ -62,7 +66,7 @@ class RecordingEngine:
         self.result = FakeResult(answer, max_new_tokens_clipped=clipped)
         self.calls: list[tuple[list[dict[str, Any]], list[Image.Image], dict[str, Any]]] = []
 
-    def generate(self, messages: Any, images: Any, **options: Any) -> FakeResult:
+    async def generate_async(self, messages: Any, images: Any, **options: Any) -> FakeResult:
         self.calls.append((messages, list(images), options))
         return self.result
 
@@ -71,6 +75,11 @@ def bare_predictor(engine: RecordingEngine) -> predict.Predictor:
     predictor = predict.Predictor()
     predictor.engine = engine
     return predictor
+
+
+def call_predict(predictor: predict.Predictor, **inputs: Any) -> Any:
+    """predict() is a coroutine (the server runs it on its event loop)."""
+    return asyncio.run(predictor.predict(**inputs))
 
 
 def official_case(key: str) -> dict[str, Any]:
@@ -92,7 +101,8 @@ def test_greedy_text_matches_the_official_implementation(
     }
 
     predictor = make_predictor(FIXTURES / "checkpoints" / case["checkpoint"], monkeypatch)
-    output = predictor.predict(
+    output = call_predict(
+        predictor,
         text=user["content"],
         **image_inputs,
         max_new_tokens=run["n_new"],
@@ -100,16 +110,13 @@ def test_greedy_text_matches_the_official_implementation(
         repetition_penalty=repetition_penalty,
     )
 
-    expected = run["text_with_special"]
-    for token in SPECIAL_TOKENS_REMOVED:
-        expected = expected.replace(token, "")
-    assert output.text_out == expected
+    assert output.text_out == served_answer(run)
     assert output.img_out is None
 
 
 def test_unpassed_inputs_get_their_declared_defaults(local_files: None) -> None:
     engine = RecordingEngine()
-    bare_predictor(engine).predict(image1=cog.Path(IMAGES / "tiny_20x10.png"))
+    call_predict(bare_predictor(engine), image1=cog.Path(IMAGES / "tiny_20x10.png"))
     [(messages, images, options)] = engine.calls
     assert messages == [{"role": "user", "content": "<image>\nDescribe this image."}]
     assert [image.size for image in images] == [(20, 10)]
@@ -126,7 +133,8 @@ def test_unpassed_inputs_get_their_declared_defaults(local_files: None) -> None:
 
 def test_numbers_are_converted_and_images_passed_in_order(local_files: None) -> None:
     engine = RecordingEngine()
-    bare_predictor(engine).predict(
+    call_predict(
+        bare_predictor(engine),
         text="<image> vs <image>: which is larger?",
         image1=cog.Path(IMAGES / "gray_300x500.png"),
         image2=None,
@@ -161,7 +169,7 @@ def test_invalid_inputs_are_refused_before_generation(inputs: dict[str, Any], me
     engine = RecordingEngine()
     arguments = {"image1": cog.Path(IMAGES / "tiny_20x10.png"), **inputs}
     with pytest.raises(ValueError, match=message):
-        bare_predictor(engine).predict(**arguments)
+        call_predict(bare_predictor(engine), **arguments)
     assert engine.calls == []
 
 
@@ -173,21 +181,23 @@ def test_local_paths_are_refused_without_the_opt_in(
     # repository's fixtures lie outside it even when the checkout itself is under /tmp.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(ValueError, match="image1 must be given as an http"):
-        bare_predictor(RecordingEngine()).predict(image1=cog.Path(IMAGES / "tiny_20x10.png"))
+        call_predict(bare_predictor(RecordingEngine()), image1=cog.Path(IMAGES / "tiny_20x10.png"))
 
 
 def test_bad_second_image_is_named(tmp_path: Path, local_files: None) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="^image2 could not be read as an image"):
-        bare_predictor(RecordingEngine()).predict(
+        call_predict(
+        bare_predictor(RecordingEngine()),
             image1=cog.Path(IMAGES / "tiny_20x10.png"), image2=cog.Path(broken)
         )
 
 
 def test_grounding_boxes_are_drawn_on_the_last_image(local_files: None) -> None:
     answer = "<|ref|>the logo<|/ref|><|det|>[[100, 200, 700, 800]]<|/det|>"
-    output = bare_predictor(RecordingEngine(answer)).predict(
+    output = call_predict(
+        bare_predictor(RecordingEngine(answer)),
         image1=cog.Path(IMAGES / "tiny_20x10.png"), image2=cog.Path(IMAGES / "gray_300x500.png")
     )
     assert output.text_out == answer
@@ -202,7 +212,8 @@ def test_grounding_boxes_are_drawn_on_the_last_image(local_files: None) -> None:
 def test_clipping_is_logged(caplog: pytest.LogCaptureFixture, local_files: None) -> None:
     engine = RecordingEngine(clipped=True)
     with caplog.at_level(logging.WARNING, logger="deepseek_vl2.predict"):
-        bare_predictor(engine).predict(
+        call_predict(
+        bare_predictor(engine),
             image1=cog.Path(IMAGES / "tiny_20x10.png"), max_new_tokens=4096
         )
     assert "max_new_tokens=4096 does not fit the context after the 100-token prompt" in caplog.text
@@ -213,7 +224,8 @@ def test_context_overflow_is_a_clear_error(
 ) -> None:
     predictor = make_predictor(FIXTURES / "checkpoints" / "tiny-mla", monkeypatch)
     with pytest.raises(ValueError, match="context"):
-        predictor.predict(
+        call_predict(
+            predictor,
             text="hello " * 4096,
             image1=cog.Path(IMAGES / "tiny_20x10.png"),
             max_new_tokens=1,
@@ -246,14 +258,16 @@ def test_demo_checkpoint_serves_and_warns_that_answers_are_noise(
     with caplog.at_level(logging.WARNING, logger="deepseek_vl2.predict"):
         predictor = make_predictor(demo_checkpoint, monkeypatch)
     assert "DEMO checkpoint: answers are noise" in caplog.text
-    output = predictor.predict(
+    output = call_predict(
+        predictor,
         text="Describe each stage of this image in detail",
         image1=cog.Path(PROJECT_ROOT / "examples" / "vqa_1.jpg"),
         max_new_tokens=8,
         seed=0,
     )
     assert isinstance(output.text_out, str) and output.text_out
-    repeated = predictor.predict(
+    repeated = call_predict(
+        predictor,
         text="Describe each stage of this image in detail",
         image1=cog.Path(PROJECT_ROOT / "examples" / "vqa_1.jpg"),
         max_new_tokens=8,
@@ -269,3 +283,14 @@ def test_setup_without_weights_fails_with_directions(monkeypatch: pytest.MonkeyP
     with pytest.raises(RuntimeError, match="No DeepSeek-VL2 weights found") as error:
         predict.Predictor().setup()
     assert "weights/deepseek-vl2-tiny-missing" in str(error.value)
+
+
+def test_metrics_follow_replicates_language_model_convention() -> None:
+    result = FakeResult("An answer.", prompt_tokens=321, token_ids=[5, 6, 7, 8, 9])
+    result.timings = Timings(token_times=[1.25, 1.5, 1.75, 2.0, 2.25])
+    assert predict.prediction_metrics(result) == {
+        "input_token_count": 321,
+        "output_token_count": 5,
+        "time_to_first_token": 1.25,
+        "tokens_per_second": 4.0,  # four tokens after the first, in one second
+    }
