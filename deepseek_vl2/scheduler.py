@@ -2,10 +2,11 @@
 free cache rows, advances the request being prefilled by one chunk, and decodes every running
 request in one batched step.
 
-Chunk budget: a step does at most one unit of prefill work (a vision batch of up to
-`vision_chunk_tiles` tiles, or a prefill chunk of up to `prefill_chunk_size` tokens) and then one
-decode step of all running requests, so a new prompt delays the running answers by at most one
-such unit per token.
+Chunk budget: while requests are decoding, a step does at most one unit of prefill work (a vision
+batch of up to `vision_chunk_tiles` tiles, or a prefill chunk of up to `prefill_chunk_size` tokens)
+and then one decode step of all running requests, so a new prompt delays the running answers by at
+most one such unit per token. With nothing decoding, a prompt's vision and prefill each run as one
+unit: chunks would protect nobody and only add per-chunk costs.
 
 Cache rows: running requests occupy rows 0..B-1 in the order of `running`, so a decode step reads a
 slice of the cache. A request is prefilled in the first row after them and moved down when it joins
@@ -159,9 +160,11 @@ class Scheduler:
     def _advance_prefill(self, request: Request) -> None:
         """One unit of work: a vision batch while tiles remain, otherwise a prefill chunk."""
         started = time.perf_counter()
+        tile_budget = self.vision_chunk_tiles if self.running else request.tiles.shape[0]
+        token_budget = self.prefill_chunk_size if self.running else request.prompt_len
         encoded = sum(f.shape[0] for f in request.features)
         if encoded < request.tiles.shape[0]:
-            tiles = request.tiles[encoded : encoded + self.vision_chunk_tiles]
+            tiles = request.tiles[encoded : encoded + tile_budget]
             request.features.append(self.runner.encode_tiles(tiles))
             self.runner.synchronize()
             request.timings.vision_s += time.perf_counter() - started
@@ -170,7 +173,7 @@ class Scheduler:
             request.embeds = self.runner.prompt_embeds(request.inputs, request.features)
             request.features = []
         start = request.prefilled
-        end = min(start + self.prefill_chunk_size, request.prompt_len)
+        end = min(start + token_budget, request.prompt_len)
         hidden = self.runner.prefill(request.row, request.embeds[start:end], start)
         request.prefilled = end
         if end < request.prompt_len:

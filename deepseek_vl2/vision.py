@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .execution import Execution, Linear
+from .execution import Execution, Linear, upcast
 
 
 class PatchEmbed(nn.Module):
@@ -26,8 +26,9 @@ class PatchEmbed(nn.Module):
         # A stride-14 conv over 384 px covers 27 patches; the last 6 rows/cols are never seen.
         weight, bias = self.proj.weight, self.proj.bias
         patches = pixels.shape[0] * (pixels.shape[-1] // weight.shape[-1]) ** 2
-        dtype = self.execution.compute_dtype(patches, weight.dtype)
-        out = F.conv2d(pixels.to(dtype), weight.to(dtype), bias.to(dtype), stride=self.proj.stride)
+        if self.execution.compute_dtype(patches, weight.dtype) != weight.dtype:
+            weight, bias = upcast(weight), bias.float()
+        out = F.conv2d(pixels.to(weight.dtype), weight, bias, stride=self.proj.stride)
         return out.to(pixels.dtype).flatten(2).transpose(1, 2)
 
 

@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
-"""Benchmark the seed request on a random-weight model with a released variant's real dimensions.
+"""Benchmark the engine on a random-weight model with a released variant's real dimensions.
 
-Request: tests/fixtures/images/vqa_1.jpg (5014x2004, tiled 4x2), "Describe each stage of this
-image in detail", 64 new tokens, greedy. Prints per-stage times and compares decode with its
-memory-bandwidth floor: the bytes of weights (and KV cache) one decode step must read, divided by
-the bandwidth measured on this machine in the same run. The weights are random, so the text is
-noise and EOS may come at any time; generation is forced to the full length by ignoring EOS.
+Prompts: the seed request (tests/fixtures/images/vqa_1.jpg, 5014x2004, tiled 4x2, "Describe each
+stage of this image in detail") or, with --text-only, a short text question. Each concurrency level
+sends that many identical requests at once and reports time to first token, inter-token latency
+and the aggregate decode rate; the first level also gets a per-stage breakdown and a comparison of
+decode with its memory-bandwidth floor (bytes one decode step reads, divided by the bandwidth
+measured in the same run). The weights are random, so the text is noise; EOS is ignored so that
+every request decodes the full length.
 
-Usage: python scripts/benchmark.py [--variant tiny|small|base] [--new-tokens 64] [--device cpu]
+With --repeat-image: two different questions about the seed image, one after the other; the
+second reuses the first's image prefix from the prefix cache.
+
+Usage: python scripts/benchmark.py [--variant tiny|small|base] [--device cpu|cuda]
+       [--dtype float32|bfloat16] [--concurrency 1,2,4,8] [--text-only] [--new-tokens 64]
+       [--json PATH] [--repeat-image]
 """
 
 from __future__ import annotations
@@ -20,22 +27,53 @@ import math
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, Processor  # noqa: E402
+from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, GenerationResult, Processor  # noqa: E402
 from deepseek_vl2.engine import default_device_and_dtype  # noqa: E402
 from deepseek_vl2.random_weights import randomize_  # noqa: E402
+from deepseek_vl2.runner import cache_bytes_per_row  # noqa: E402
 
 MANIFESTS = ROOT / "tests" / "fixtures" / "manifests"
 TOKENIZER = ROOT / "deepseek_vl2" / "assets" / "tokenizer"
 SEED_IMAGE = ROOT / "tests" / "fixtures" / "images" / "vqa_1.jpg"
 SEED_PROMPT = "Describe each stage of this image in detail"
+TEXT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+FOLLOW_UP_PROMPT = "Which stage comes last, and what happens in it?"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def config_for(variant: str, processor: Processor) -> DeepseekVL2Config:
+    config = DeepseekVL2Config.from_dict(json.loads((MANIFESTS / f"{variant}.json").read_text())["config"])
+    if processor.tokenizer.image_id >= config.language.vocab_size:
+        # small's own tokenizer (102400 ids) is not bundled: widen its vocabulary to the bundled one.
+        language = dataclasses.replace(config.language, vocab_size=129280)
+        config = dataclasses.replace(config, language=language)
+        print("  (vocabulary widened to 129280 rows to fit the bundled tokenizer)")
+    return config
+
+
+def random_model(config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype) -> DeepseekVL2:
+    """Random weights built directly on the device: no checkpoint on disk."""
+    with torch.device("meta"):
+        model = DeepseekVL2(config)
+    model.materialize(device, dtype)
+    randomize_(model, config, seed=0)
+    return model.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _best_time(fn, device: torch.device, repeats: int = 5) -> float:
@@ -65,8 +103,8 @@ def measure_bandwidth(device: torch.device, dtype: torch.dtype, gib: float = 1.0
 
 
 def decode_bytes_per_token(config: DeepseekVL2Config, dtype: torch.dtype, context: int) -> int:
-    """Weights one decode step reads: all attention and dense weights, the router, only the
-    selected (and shared) experts, the output head; plus the KV cache up to `context`."""
+    """Weights one batch-1 decode step reads: all attention and dense weights, the router, only
+    the selected (and shared) experts, the output head; plus the KV cache up to `context`."""
     c = config.language
     element = torch.finfo(dtype).bits // 8
     d = c.hidden_size
@@ -75,11 +113,9 @@ def decode_bytes_per_token(config: DeepseekVL2Config, dtype: torch.dtype, contex
         attention = q + d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * c.num_attention_heads * (
             c.qk_nope_head_dim + c.v_head_dim
         ) + c.num_attention_heads * c.v_head_dim * d
-        cache_per_token = c.kv_lora_rank + c.qk_rope_head_dim
     else:
         kv = c.num_key_value_heads * c.head_dim
         attention = d * (d + 2 * kv) + d * d
-        cache_per_token = 2 * kv
     params = 0
     for i in range(c.num_hidden_layers):
         params += attention
@@ -90,17 +126,80 @@ def decode_bytes_per_token(config: DeepseekVL2Config, dtype: torch.dtype, contex
         else:
             params += 3 * d * c.intermediate_size
     params += c.vocab_size * d  # lm_head
-    cache = c.num_hidden_layers * cache_per_token * context
-    return (params + cache) * element
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return (params + c.cache_values_per_token * context) * element
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def request(text_only: bool, question: str = SEED_PROMPT) -> tuple[list[dict[str, str]], list[Image.Image]]:
+    if text_only:
+        return [{"role": "user", "content": TEXT_PROMPT}], []
+    return [{"role": "user", "content": f"<image>\n{question}"}], [Image.open(SEED_IMAGE).convert("RGB")]
+
+
+def run_level(engine: Engine, concurrency: int, text_only: bool, new_tokens: int) -> tuple[dict[str, Any], list[GenerationResult]]:
+    """`concurrency` identical requests at once; the JSON level record and the results."""
+    messages, images = request(text_only)
+    generate = lambda _: engine.generate(messages, images, max_new_tokens=new_tokens, temperature=0)  # noqa: E731
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(generate, range(concurrency)))
+    first = [r.timings.started + r.timings.first_token_s for r in results]
+    last = [r.timings.started + r.timings.token_times[-1] for r in results]
+    decode_tokens = sum(r.timings.decode_tokens for r in results)
+    gaps = [b - a for r in results for a, b in zip(r.timings.token_times, r.timings.token_times[1:])]
+    ttfts = [r.timings.first_token_s for r in results]
+    level = {
+        "concurrency": concurrency,
+        "aggregate_decode_tokens_per_s": decode_tokens / (max(last) - min(first)),
+        "ttft_s_p50": percentile(ttfts, 50),
+        "ttft_s_p95": percentile(ttfts, 95),
+        "inter_token_s_p50": percentile(gaps, 50),
+        "inter_token_s_p95": percentile(gaps, 95),
+    }
+    return level, results
+
+
+def print_stages(result: GenerationResult, config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype) -> None:
+    t = result.timings
+    print(f"single request: {result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens")
+    print(f"  preprocessing       {t.preprocess_s * 1000:9.1f} ms")
+    print(f"  vision + projector  {t.vision_s * 1000:9.1f} ms")
+    print(f"  prefill             {t.prefill_s * 1000:9.1f} ms  ({result.prompt_tokens / t.prefill_s:,.0f} tokens/s)")
+    print(f"  time to first token {t.first_token_s * 1000:9.1f} ms")
+    actual = t.decode_s / max(t.decode_tokens, 1)
+    print(f"  decode              {t.decode_tokens_per_s:9.2f} tokens/s ({actual * 1000:.1f} ms/token)")
+    per_token = decode_bytes_per_token(config, dtype, result.prompt_tokens + len(result.token_ids) // 2)
+    print(f"  bytes per token     {per_token / 2**30:9.2f} GiB (weights read + KV cache)")
+    for label, bandwidth in zip(("read", "gemv"), measure_bandwidth(device, dtype)):
+        floor = per_token / bandwidth
+        print(
+            f"  {label} floor          {floor * 1000:9.1f} ms/token at {bandwidth / 2**30:.1f} GiB/s "
+            f"measured -> decode is {actual / floor:.2f}x this floor"
+        )
+
+
+def repeat_image(engine: Engine, new_tokens: int) -> None:
+    """Two different questions about the seed image in a row."""
+    results = []
+    for question in (SEED_PROMPT, FOLLOW_UP_PROMPT):
+        messages, images = request(False, question)
+        results.append(engine.generate(messages, images, max_new_tokens=new_tokens, temperature=0))
+    first, second = results
+    ratio = second.timings.first_token_s / first.timings.first_token_s
+    print("repeat image: two questions about the seed image, one after the other")
+    for label, r in (("first ", first), ("second", second)):
+        print(
+            f"  {label} question: time to first token {r.timings.first_token_s:8.3f} s "
+            f"(vision {r.timings.vision_s:.3f} s, prefill {r.timings.prefill_s:.3f} s), "
+            f"{r.cached_prompt_tokens} of {r.prompt_tokens} prompt tokens from the prefix cache"
+        )
+    print(f"  second / first time to first token: {ratio:.3%}")
 
 
 def main() -> None:
@@ -108,63 +207,89 @@ def main() -> None:
     parser.add_argument("--variant", choices=["tiny", "small", "base"], default="tiny")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--prefill-chunk", type=int, default=1024)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--concurrency", default="1", help="comma-separated levels, e.g. 1,2,4,8")
+    parser.add_argument("--text-only", action="store_true", help="a short text prompt, no image")
+    parser.add_argument("--repeat-image", action="store_true", help="two questions about one image in a row")
+    parser.add_argument("--prefill-chunk", type=int, default=None)
+    parser.add_argument("--compile", choices=["on", "off"], default=None, help="compiled decode (default: on for CUDA)")
+    parser.add_argument("--json", type=Path, default=None, help="write the levels as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     default_device, default_dtype = default_device_and_dtype()
     device = torch.device(args.device) if args.device else default_device
-    dtype = default_dtype if device.type == default_device.type else torch.float32
-    config = DeepseekVL2Config.from_dict(json.loads((MANIFESTS / f"{args.variant}.json").read_text())["config"])
+    dtype = DTYPES[args.dtype] if args.dtype else (default_dtype if device.type == default_device.type else torch.float32)
+    levels = sorted({int(level) for level in args.concurrency.split(",")})
     processor = Processor.from_pretrained(TOKENIZER)
-    if processor.tokenizer.image_id >= config.language.vocab_size:
-        # small's own tokenizer (102400 ids) is not bundled: widen its vocabulary to the bundled one.
-        language = dataclasses.replace(config.language, vocab_size=129280)
-        config = dataclasses.replace(config, language=language)
-        print("  (vocabulary widened to 129280 rows to fit the bundled tokenizer)")
-    print(f"variant {args.variant}: building random weights on {device} in {str(dtype).removeprefix('torch.')}")
+    config = config_for(args.variant, processor)
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"variant {args.variant}: random weights on {device} in {dtype_name}")
 
     started = time.perf_counter()
-    with torch.device("meta"):
-        model = DeepseekVL2(config)
-    model.materialize(device, dtype)
-    randomize_(model, config, seed=0)
-    model.eval()
+    model = random_model(config, device, dtype)
     print(f"  weights ready in {time.perf_counter() - started:.1f} s")
+    compile_decode = None if args.compile is None else args.compile == "on"
+    engine = Engine(
+        model, processor, max_batch=max(levels), prefill_chunk_size=args.prefill_chunk,
+        compile_decode=compile_decode,
+    )  # fmt: skip
+    engine.scheduler.eos_id = -1  # random weights: never stop early, so every request decodes in full
+    print(
+        f"  KV cache: {max(levels)} rows, {cache_bytes_per_row(model) / 2**30:.3f} GiB per row "
+        f"(4096 tokens); decode {'compiled' if engine.runner.decode_compiled else 'eager'}"
+    )
 
-    engine = Engine(model, processor, prefill_chunk_size=args.prefill_chunk)
-    engine.eos_id = -1  # random weights: never stop early, so every run decodes the same length
-
-    image = Image.open(SEED_IMAGE).convert("RGB")
-    messages = [{"role": "user", "content": f"<image>\n{SEED_PROMPT}"}]
-    # Warm-up: first calls pay for kernel selection, thread pools and (CUDA) compilation.
-    engine.generate(messages, [image.resize((384, 384))], max_new_tokens=4)
+    # Warm-up: first calls pay for kernel selection and thread pools.
+    warm_messages, warm_images = request(args.text_only)
+    engine.generate(warm_messages, [image.resize((384, 384)) for image in warm_images], max_new_tokens=4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    result = engine.generate(messages, [image], max_new_tokens=args.new_tokens, temperature=0)
-    t = result.timings
-    read_bandwidth, gemv_bandwidth = measure_bandwidth(device, dtype)
-    mean_context = result.prompt_tokens + len(result.token_ids) // 2
-    per_token = decode_bytes_per_token(config, dtype, mean_context)
-    actual = t.decode_s / max(t.decode_tokens, 1)
+    if args.repeat_image:
+        repeat_image(engine, args.new_tokens)
+        engine.close()
+        return
 
-    print(f"request: {image.width}x{image.height} image, {result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens")
-    print(f"  preprocessing       {t.preprocess_s * 1000:9.1f} ms")
-    print(f"  vision + projector  {t.vision_s * 1000:9.1f} ms")
-    print(f"  prefill             {t.prefill_s * 1000:9.1f} ms  ({result.prompt_tokens / t.prefill_s:,.0f} tokens/s)")
-    print(f"  time to first token {t.first_token_s * 1000:9.1f} ms")
-    print(f"  decode              {t.decode_tokens_per_s:9.2f} tokens/s ({actual * 1000:.1f} ms/token)")
-    print(f"  bytes per token     {per_token / 2**30:9.2f} GiB (weights read + KV cache)")
-    for label, bandwidth in (("read", read_bandwidth), ("gemv", gemv_bandwidth)):
-        floor = per_token / bandwidth
+    prompt = "text-only" if args.text_only else "seed-image"
+    records = []
+    print(f"{prompt} prompt, {args.new_tokens} new tokens per request")
+    print("  concurrency | aggregate decode tok/s | TTFT p50 / p95 (s) | inter-token p50 / p95 (ms)")
+    for concurrency in levels:
+        level, results = run_level(engine, concurrency, args.text_only, args.new_tokens)
+        records.append(level)
         print(
-            f"  {label} floor          {floor * 1000:9.1f} ms/token at {bandwidth / 2**30:.1f} GiB/s "
-            f"measured -> decode is {actual / floor:.2f}x this floor"
+            f"  {concurrency:11d} | {level['aggregate_decode_tokens_per_s']:22.2f} | "
+            f"{level['ttft_s_p50']:8.2f} / {level['ttft_s_p95']:7.2f} | "
+            f"{level['inter_token_s_p50'] * 1000:10.1f} / {level['inter_token_s_p95'] * 1000:8.1f}"
         )
+        if concurrency == levels[0]:
+            single = results[0]
+    base = records[0]
+    for level in records[1:]:
+        print(
+            f"  concurrency {level['concurrency']} vs {base['concurrency']}: aggregate decode "
+            f"{level['aggregate_decode_tokens_per_s'] / base['aggregate_decode_tokens_per_s']:.2f}x, "
+            f"inter-token p50 {level['inter_token_s_p50'] / base['inter_token_s_p50']:.2f}x"
+        )
+    print_stages(single, config, device, dtype)
+    peak_cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     print(f"  peak RSS            {peak_rss_gib():9.2f} GiB")
-    if device.type == "cuda":
-        print(f"  peak GPU memory     {torch.cuda.max_memory_allocated(device) / 2**30:9.2f} GiB")
+    if peak_cuda is not None:
+        print(f"  peak GPU memory     {peak_cuda:9.2f} GiB")
+    engine.close()
+    if args.json:
+        report = {
+            "variant": args.variant,
+            "device": str(device),
+            "dtype": dtype_name,
+            "prompt": prompt,
+            "peak_rss_gib": peak_rss_gib(),
+            "peak_cuda_gib": peak_cuda,
+            "levels": records,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
