@@ -177,13 +177,15 @@ class Predictor(BasePredictor):
 
 
 def prediction_metrics(result: GenerationResult) -> dict[str, Any]:
-    """Replicate's metrics for language models. Times are from the moment the engine got the
-    request (images already downloaded); tokens_per_second counts the tokens after the first."""
+    """Replicate's metrics for language models, and how much of the prompt came from the prefix
+    cache. Times are from the moment the engine got the request (images already downloaded);
+    tokens_per_second counts the tokens after the first."""
     return {
         "input_token_count": result.prompt_tokens,
         "output_token_count": len(result.token_ids),
         "time_to_first_token": round(result.timings.first_token_s, 4),
         "tokens_per_second": round(result.timings.decode_tokens_per_s, 2),
+        "cached_prompt_tokens": result.cached_prompt_tokens,
     }
 
 

@@ -8,6 +8,7 @@ exact shape, and every tensor in the files must be used or deliberately skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -233,6 +234,17 @@ def _weight_files(path: Path) -> dict[str, Path]:
         with safe_open(single, framework="pt") as f:
             return {name: single for name in f.keys()}
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def checkpoint_identity(path: str | Path) -> str:
+    """A digest of the checkpoint's config and of each weight file's name, size and modification
+    time: different weights never share it (cheap: no weight bytes are read)."""
+    path = Path(path)
+    digest = hashlib.blake2b((path / "config.json").read_bytes(), digest_size=16)
+    for file in sorted(set(_weight_files(path).values())):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
 
 
 def load_checkpoint(

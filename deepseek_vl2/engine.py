@@ -25,7 +25,8 @@ from PIL import Image
 from .model import DeepseekVL2
 from .processor import Processor, ProcessorOutput
 from .request import Event, Request, Timings
-from .runner import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP, ModelRunner, default_max_batch
+from .prefix_cache import PrefixCache, PromptKeys, cache_budget
+from .runner import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP, ModelRunner, default_max_batch, free_memory_bytes
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .tokenizer import StreamDecoder
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_ENV = "DEEPSEEK_VL2_MAX_BATCH"
 PREFILL_CHUNK_ENV = "DEEPSEEK_VL2_PREFILL_CHUNK"
+PREFIX_CACHE_ENV = "DEEPSEEK_VL2_PREFIX_CACHE_GB"
 DEFAULT_PREFILL_CHUNK = 512
 # Tiles per vision step: on a GPU all of a request's tiles (at most 3 images x 10); on the CPU,
 # where one 384x384 tile takes seconds, two at a time so running answers keep flowing.
@@ -49,6 +51,7 @@ class GenerationResult:
     max_new_tokens: int  # what was actually allowed after the context guard
     max_new_tokens_clipped: bool
     timings: Timings = field(default_factory=Timings)
+    cached_prompt_tokens: int = 0  # prompt positions taken from the prefix cache
 
 
 class ContextOverflowError(ValueError):
@@ -72,6 +75,20 @@ def _env_int(name: str, environ: Mapping[str, str] = os.environ) -> int | None:
     return int(value)
 
 
+def _env_gib(name: str) -> int | None:
+    """A size in GiB from the environment, as bytes; None when unset."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0:
+        raise ValueError(f"{name} must be a number of GiB >= 0, got {value!r}")
+    return int(gib * 2**30)
+
+
 def planned_max_batch(cuda: bool, environ: Mapping[str, str] = os.environ) -> int:
     """The batch size to plan for before a model is loaded (the HTTP concurrency limit):
     DEEPSEEK_VL2_MAX_BATCH, else the GPU cap or the CPU default. On a GPU the engine may find room
@@ -89,12 +106,14 @@ class Engine:
         prefill_chunk_size: int | None = None,
         vision_chunk_tiles: int | None = None,
         compile_decode: bool | None = None,
+        prefix_cache_bytes: int | None = None,
     ):
         """One engine per model: it owns the model's KV cache and runs it on its own thread.
 
-        Unset arguments come from DEEPSEEK_VL2_MAX_BATCH / DEEPSEEK_VL2_PREFILL_CHUNK, then from
-        defaults: max_batch from memory (runner.default_max_batch), prefill chunks of 512 tokens,
-        decode compiled on CUDA.
+        Unset arguments come from DEEPSEEK_VL2_MAX_BATCH / DEEPSEEK_VL2_PREFILL_CHUNK /
+        DEEPSEEK_VL2_PREFIX_CACHE_GB, then from defaults: max_batch from memory
+        (runner.default_max_batch), prefill chunks of 512 tokens, decode compiled on CUDA, a prefix
+        cache sized from the memory left (prefix_cache.cache_budget; 0 turns it off).
         """
         self.model, self.processor = model, processor
         self.config = model.config
@@ -107,14 +126,23 @@ class Engine:
         if compile_decode is None:
             compile_decode = self.device.type == "cuda"
         self.runner = ModelRunner(model, max_batch, compile_decode)
-        self.scheduler = Scheduler(self.runner, self.eos_id, prefill_chunk_size, vision_chunk_tiles)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = _env_gib(PREFIX_CACHE_ENV)
+        budget = cache_budget(self.device, free_memory_bytes(self.device), prefix_cache_bytes)
+        self.prefix_cache = PrefixCache(budget) if budget > 0 else None
+        # Cached values depend on the weights and on how they were computed.
+        self._cache_identity = f"{model.weights_id}/{str(model.dtype)}/{self.device.type}"
+        self.scheduler = Scheduler(
+            self.runner, self.eos_id, prefill_chunk_size, vision_chunk_tiles, self.prefix_cache
+        )
         # Stop the scheduler thread when the engine is dropped or the interpreter exits (a thread
         # still inside torch at exit aborts the process).
         self._stop_scheduler = weakref.finalize(self, self.scheduler.close)
         log.info(
-            "engine ready: batch up to %d, prefill chunks of %d tokens, vision batches of %d tiles, "
-            "decode %s", max_batch, prefill_chunk_size, vision_chunk_tiles,
-            "compiled" if self.runner.decode_compiled else "eager",
+            "engine ready: batch up to %d, prefill chunks of %d tokens and vision batches of %d "
+            "tiles while answers run, decode %s, prefix cache %.2f GiB",
+            max_batch, prefill_chunk_size, vision_chunk_tiles,
+            "compiled" if self.runner.decode_compiled else "eager", budget / 2**30,
         )  # fmt: skip
 
     @property
@@ -256,7 +284,10 @@ class Engine:
         timings.preprocess_s = time.perf_counter() - timings.started
         self._check_fits(inputs)
         allowed = self._clip(inputs, max_new_tokens)
-        return Request(inputs, params, allowed, allowed < max_new_tokens, notify, timings)
+        request = Request(inputs, params, allowed, allowed < max_new_tokens, notify, timings)
+        if self.prefix_cache is not None:
+            request.keys = PromptKeys.of(inputs, self._cache_identity)
+        return request
 
     def _submit(self, request: Request) -> None:
         if request.max_new_tokens == 0:
@@ -283,6 +314,7 @@ class Engine:
             max_new_tokens=request.max_new_tokens,
             max_new_tokens_clipped=request.max_new_tokens_clipped,
             timings=request.timings,
+            cached_prompt_tokens=request.cached_prompt_tokens,
         )
 
     def _check_fits(self, inputs: ProcessorOutput) -> None:

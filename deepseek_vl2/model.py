@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import expected_internal_params, load_checkpoint
+from .checkpoint import checkpoint_identity, expected_internal_params, load_checkpoint
 from .config import DeepseekVL2Config
 from .execution import Execution
 from .language import Gate, LanguageModel, RotaryTables
@@ -28,6 +29,8 @@ class DeepseekVL2(nn.Module):
         self.image_newline = nn.Parameter(torch.empty(d))
         self.view_seperator = nn.Parameter(torch.empty(d))  # sic: the checkpoint's spelling
         self.language = LanguageModel(config.language)
+        # What the weights are, for cache keys: a checkpoint's digest once loaded from disk.
+        self.weights_id = uuid.uuid4().hex
 
     @property
     def device(self) -> torch.device:
@@ -51,6 +54,7 @@ class DeepseekVL2(nn.Module):
             model = cls(config)
         model.materialize(torch.device(device), dtype)
         load_checkpoint(model, path, config)
+        model.weights_id = checkpoint_identity(path)
         return model.eval()
 
     def set_execution(self, execution: Execution) -> None:
@@ -164,6 +168,15 @@ class DeepseekVL2(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=self.device)[None]
         hidden = self.language(embeds, self.language.context(positions))
         return self.language.logits(hidden)
+
+
+def tile_ranges(crops: list[list[int]]) -> list[slice]:
+    """Each image's tiles within the prompt's tiles."""
+    ranges, offset = [], 0
+    for count in tiles_per_image(crops):
+        ranges.append(slice(offset, offset + count))
+        offset += count
+    return ranges
 
 
 def tiles_per_image(crops: list[list[int]]) -> list[int]:

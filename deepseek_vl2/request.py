@@ -12,6 +12,7 @@ from enum import Enum
 
 import torch
 
+from .prefix_cache import PromptKeys
 from .processor import ProcessorOutput
 from .sampling import Sampler, SamplingParams
 
@@ -69,9 +70,15 @@ class Request:
     row: int = -1  # cache row while PREFILLING or RUNNING
     tokens: list[int] = field(default_factory=list)
     sampler: Sampler | None = None
-    # Prefill progress: vision features of the tiles encoded so far, the prompt embeddings once
-    # complete, and how many prompt positions are in the cache.
+    keys: PromptKeys | None = None  # for the prefix cache; None when it is off
+    cached_prompt_tokens: int = 0  # prompt positions taken from the prefix cache
+    # Prefill progress: the images that need the vision tower and their tiles, the features of
+    # the tiles encoded so far, every image span at hand (by image index), the prompt embeddings
+    # once complete, and how many prompt positions are in the cache.
+    encode: list[int] = field(default_factory=list)
+    tiles: torch.Tensor | None = None
     features: list[torch.Tensor] = field(default_factory=list)
+    spans: dict[int, torch.Tensor] = field(default_factory=dict)
     embeds: torch.Tensor | None = None
     prefilled: int = 0
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -79,11 +86,6 @@ class Request:
     @property
     def prompt_len(self) -> int:
         return self.inputs.input_ids.shape[1]
-
-    @property
-    def tiles(self) -> torch.Tensor:
-        """[n_tiles, 3, S, S]: every image's global view then local tiles."""
-        return self.inputs.pixel_values[0]
 
     @property
     def cached_len(self) -> int:

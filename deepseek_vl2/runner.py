@@ -33,19 +33,31 @@ def cache_bytes_per_row(model: DeepseekVL2) -> int:
     return c.cache_values_per_token * c.max_position_embeddings * element
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory still free for caches: the GPU's free memory less the activation reserve, or the
+    host's available memory (Linux MemAvailable; 0 where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] - GPU_ACTIVATION_RESERVE_BYTES
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
 def default_max_batch(model: DeepseekVL2) -> int:
     """CPU: a few rows (a batch step there costs little more than one row up to about 4-8).
     GPU: half of the memory left after the weights and an activation reserve, capped."""
     if model.device.type != "cuda":
         return CPU_DEFAULT_MAX_BATCH
-    free, _ = torch.cuda.mem_get_info(model.device)
-    budget = (free - GPU_ACTIVATION_RESERVE_BYTES) // 2
-    rows = min(GPU_MAX_BATCH_CAP, budget // cache_bytes_per_row(model))
+    free = free_memory_bytes(model.device)
+    rows = min(GPU_MAX_BATCH_CAP, free // 2 // cache_bytes_per_row(model))
     if rows < 1:
         raise MemoryError(
-            f"only {free / 2**30:.1f} GiB of GPU memory is free after loading the weights; one "
-            f"cache row needs {cache_bytes_per_row(model) / 2**30:.2f} GiB plus "
-            f"{GPU_ACTIVATION_RESERVE_BYTES / 2**30:.0f} GiB for activations"
+            f"only {free / 2**30:.1f} GiB of GPU memory is free after loading the weights and "
+            f"keeping {GPU_ACTIVATION_RESERVE_BYTES / 2**30:.0f} GiB for activations; one cache "
+            f"row needs {cache_bytes_per_row(model) / 2**30:.2f} GiB"
         )
     return int(rows)
 
@@ -100,15 +112,30 @@ class ModelRunner:
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.model.encode_tiles(tiles)
 
-    def prompt_embeds(self, inputs: ProcessorOutput, features: list[torch.Tensor]) -> torch.Tensor:
-        """The prompt's embeddings [T, D], given the features of all its tiles (in chunks)."""
+    def image_spans(
+        self, inputs: ProcessorOutput, images: list[int], features: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The spans of the given images, from the features of their tiles (concatenated in order)."""
         crops = inputs.images_spatial_crop[0].tolist()
+        counts = tiles_per_image(crops)
         spans, offset = [], 0
-        tiles = torch.cat(features) if features else None
-        for grid, n_tiles in zip(crops, tiles_per_image(crops)):
-            spans.append(self.model.image_span(tiles[offset : offset + n_tiles], grid))
-            offset += n_tiles
-        return self.model.embed_prompt(inputs.input_ids[0], inputs.images_seq_mask[0], spans)
+        for image in images:
+            spans.append(self.model.image_span(features[offset : offset + counts[image]], crops[image]))
+            offset += counts[image]
+        return spans
+
+    def prompt_embeds(self, inputs: ProcessorOutput, start: int, spans: list[torch.Tensor]) -> torch.Tensor:
+        """Embeddings [T - start, D] of the prompt from position `start`, given the spans of the
+        images in that part, in order."""
+        return self.model.embed_prompt(inputs.input_ids[0, start:], inputs.images_seq_mask[0, start:], spans)
+
+    def read_prefix(self, row: int, length: int) -> list[torch.Tensor]:
+        """Views of the first `length` positions of every cache tensor of row `row`."""
+        return [cache[row, :length] for cache in self.language.caches()]
+
+    def write_prefix(self, row: int, prefix: list[torch.Tensor]) -> None:
+        for cache, values in zip(self.language.caches(), prefix, strict=True):
+            cache[row, : values.shape[0]] = values
 
     def prefill(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
         """Write `embeds` [T, D] at positions start.. of cache row `row`; the last token's final

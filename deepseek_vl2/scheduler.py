@@ -23,6 +23,8 @@ from collections import deque
 
 import torch
 
+from .model import tile_ranges
+from .prefix_cache import PrefixCache
 from .request import Request, Status
 from .runner import ModelRunner
 from .sampling import Sampler
@@ -40,7 +42,12 @@ class EngineClosed(RuntimeError):
 
 class Scheduler:
     def __init__(
-        self, runner: ModelRunner, eos_id: int, prefill_chunk_size: int, vision_chunk_tiles: int
+        self,
+        runner: ModelRunner,
+        eos_id: int,
+        prefill_chunk_size: int,
+        vision_chunk_tiles: int,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if prefill_chunk_size < 1 or vision_chunk_tiles < 1:
             raise ValueError(
@@ -50,6 +57,7 @@ class Scheduler:
         self.eos_id = eos_id
         self.prefill_chunk_size = prefill_chunk_size
         self.vision_chunk_tiles = vision_chunk_tiles
+        self.prefix_cache = prefix_cache  # used by this thread only
         self.vocab_size = runner.model.config.language.vocab_size
         self.waiting: deque[Request] = deque()  # shared with submitting threads: under _wakeup
         self.prefilling: Request | None = None
@@ -151,11 +159,40 @@ class Scheduler:
         request.status, request.row = Status.PREFILLING, len(self.running)
         request.timings.queue_s = time.perf_counter() - request.timings.started - request.timings.preprocess_s
         self.prefilling = request
+        self._plan_prefill(request)
         log.info(
-            "request %d: prefilling %d prompt tokens (%d image tiles) in cache row %d; %d running, %d queued",
-            request.id, request.prompt_len, request.tiles.shape[0], request.row,
-            len(self.running), len(self.waiting),
+            "request %d: prefilling %d of %d prompt tokens (%d image tiles) in cache row %d; "
+            "%d running, %d queued",
+            request.id, request.prompt_len - request.prefilled, request.prompt_len,
+            request.tiles.shape[0], request.row, len(self.running), len(self.waiting),
         )  # fmt: skip
+
+    def _plan_prefill(self, request: Request) -> None:
+        """Take what the prefix cache holds for this prompt; list the images that still need the
+        vision tower (those after the reused prefix whose embeddings are not cached)."""
+        crops = request.inputs.images_spatial_crop[0].tolist()
+        after_prefix = range(len(crops))
+        cache, keys = self.prefix_cache, request.keys
+        if cache is not None and keys is not None:
+            hit = cache.longest_prefix(keys, request.prompt_len)
+            if hit is not None:
+                length, prefix = hit
+                self.runner.write_prefix(request.row, prefix)
+                request.prefilled = request.cached_prompt_tokens = length
+            after_prefix = [i for i, (start, _) in enumerate(keys.spans) if start >= request.prefilled]
+            for image in after_prefix:
+                span = cache.image(keys.images[image])
+                if span is not None:
+                    request.spans[image] = span
+            log.info(
+                "request %d: prefix cache %s: %d of %d prompt tokens reused, %d of %d image "
+                "embeddings cached", request.id, "hit" if hit else "miss", request.prefilled,
+                request.prompt_len, len(request.spans), len(after_prefix),
+            )  # fmt: skip
+        request.encode = [image for image in after_prefix if image not in request.spans]
+        ranges = tile_ranges(crops)
+        all_tiles = request.inputs.pixel_values[0]
+        request.tiles = torch.cat([all_tiles[ranges[image]] for image in request.encode] or [all_tiles[:0]])
 
     def _advance_prefill(self, request: Request) -> None:
         """One unit of work: a vision batch while tiles remain, otherwise a prefill chunk."""
@@ -170,17 +207,20 @@ class Scheduler:
             request.timings.vision_s += time.perf_counter() - started
             return
         if request.embeds is None:
-            request.embeds = self.runner.prompt_embeds(request.inputs, request.features)
-            request.features = []
+            self._collect_spans(request)
+            spans = [request.spans[image] for image in sorted(request.spans)]
+            request.embeds = self.runner.prompt_embeds(request.inputs, request.prefilled, spans)
         start = request.prefilled
         end = min(start + token_budget, request.prompt_len)
-        hidden = self.runner.prefill(request.row, request.embeds[start:end], start)
+        offset = request.prompt_len - request.embeds.shape[0]  # the embeddings start after the reused prefix
+        hidden = self.runner.prefill(request.row, request.embeds[start - offset : end - offset], start)
         request.prefilled = end
         if end < request.prompt_len:
             self.runner.synchronize()
             request.timings.prefill_s += time.perf_counter() - started
             return
         request.embeds = None
+        self._store_prefix(request)
         input_ids = request.inputs.input_ids.to(self.runner.device)
         request.sampler = Sampler(request.params, self.vocab_size, input_ids)
         token = int(request.sampler(self.runner.logits(hidden[None]))[0])
@@ -193,6 +233,26 @@ class Scheduler:
         self.runner.move_row(request.row, target, request.cached_len)
         request.status, request.row = Status.RUNNING, target
         self.running.append(request)
+
+    def _collect_spans(self, request: Request) -> None:
+        """Turn the encoded tiles into image spans, and offer them to the prefix cache."""
+        if not request.encode:
+            return
+        spans = self.runner.image_spans(request.inputs, request.encode, torch.cat(request.features))
+        request.features, request.tiles = [], None
+        for image, span in zip(request.encode, spans):
+            request.spans[image] = span
+            if self.prefix_cache is not None and request.keys is not None:
+                self.prefix_cache.put(request.keys.images[image], [span], span.shape[0])
+
+    def _store_prefix(self, request: Request) -> None:
+        """Offer the prefix ending with the prompt's last image, now wholly in the cache row."""
+        keys = request.keys
+        if self.prefix_cache is None or keys is None or not keys.spans:
+            return
+        length = keys.spans[-1][1]
+        if length > request.cached_prompt_tokens:
+            self.prefix_cache.put(keys.prefixes[-1], self.runner.read_prefix(request.row, length), length)
 
     def _decode(self) -> None:
         tokens = torch.tensor([r.tokens[-1] for r in self.running], device=self.runner.device)
@@ -225,7 +285,7 @@ class Scheduler:
 
     def _finish(self, request: Request, error: BaseException | None = None) -> None:
         request.status, request.row = Status.FINISHED, -1
-        request.features, request.embeds = [], None
+        request.tiles, request.features, request.spans, request.embeds = None, [], {}, None
         if error is None:
             t = request.timings
             log.info(

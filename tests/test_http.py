@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
+from deepseek_vl2 import Engine
 from deepseek_vl2.local_server import LocalCogServer
 from parity import case, served_answer
 
@@ -221,3 +223,30 @@ def test_a_client_that_disconnects_frees_its_row(server: LocalCogServer) -> None
     # All four rows are free again: four predictions at once all succeed.
     results = predict_all(server, [inputs for inputs, _, _ in FOUR])
     assert [status for status, _ in results] == [200] * 4
+
+
+def test_a_follow_up_question_reuses_the_image_prefix(server: LocalCogServer, tmp_path: Path) -> None:
+    # An image this server has not seen: other tests send the fixture images as they are.
+    image = Image.open(IMAGES / "vqa_1.jpg").convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    image.save(tmp_path / "flipped.png")
+    flipped = data_uri(tmp_path / "flipped.png", "image/png")
+    questions = ["Describe each stage of this image in detail", "Which stage comes last?"]
+    bodies = []
+    for question in questions:
+        status, body = server.predict({"image1": flipped, "text": question, "max_new_tokens": 12, "temperature": 0})
+        assert status == 200 and body["status"] == "succeeded", body
+        bodies.append(body)
+    first, second = bodies
+    [image_tokens] = case("tiny-mla/m_one")["num_image_tokens"]  # vqa_1's tiling, so the flip's
+    assert first["metrics"]["cached_prompt_tokens"] == 0
+    assert second["metrics"]["cached_prompt_tokens"] >= image_tokens
+    # The answer equals the one computed without a cache.
+    with Engine.from_pretrained(CHECKPOINT, prefix_cache_bytes=0) as engine:
+        messages = [{"role": "user", "content": f"<image>\n{questions[1]}"}]
+        expected = engine.generate(messages, [image], max_new_tokens=12, temperature=0).text
+    assert second["output"]["text_out"] == expected
+    # A question on another image reuses none of the image tokens.
+    Image.new("RGB", (40, 30), (12, 34, 56)).save(tmp_path / "plain.png")
+    another = data_uri(tmp_path / "plain.png", "image/png")
+    status, body = server.predict({"image1": another, "text": questions[1], "max_new_tokens": 2})
+    assert status == 200 and body["metrics"]["cached_prompt_tokens"] == 0, body

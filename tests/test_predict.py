@@ -57,6 +57,7 @@ class FakeResult:
     max_new_tokens_clipped: bool = False
     token_ids: list[int] = field(default_factory=lambda: [5, 6, 7])
     timings: Timings = field(default_factory=lambda: Timings(token_times=[0.5, 0.75, 1.0]))
+    cached_prompt_tokens: int = 0
 
 
 class RecordingEngine:
@@ -286,11 +287,12 @@ def test_setup_without_weights_fails_with_directions(monkeypatch: pytest.MonkeyP
 
 
 def test_metrics_follow_replicates_language_model_convention() -> None:
-    result = FakeResult("An answer.", prompt_tokens=321, token_ids=[5, 6, 7, 8, 9])
+    result = FakeResult("An answer.", prompt_tokens=321, token_ids=[5, 6, 7, 8, 9], cached_prompt_tokens=300)
     result.timings = Timings(token_times=[1.25, 1.5, 1.75, 2.0, 2.25])
     assert predict.prediction_metrics(result) == {
         "input_token_count": 321,
         "output_token_count": 5,
         "time_to_first_token": 1.25,
         "tokens_per_second": 4.0,  # four tokens after the first, in one second
+        "cached_prompt_tokens": 300,
     }
