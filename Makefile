@@ -7,7 +7,7 @@ VENV_STAMP := $(VENV)/.requirements-installed
 DEMO_WEIGHTS := weights/demo
 DEMO_STAMP := $(DEMO_WEIGHTS)/DEMO_RANDOM_WEIGHTS.txt
 
-.PHONY: venv test demo schema bench
+.PHONY: venv test demo schema bench gpu-check
 
 venv: $(VENV_STAMP)
 
@@ -33,3 +33,10 @@ schema: venv
 
 bench: venv
 	$(PY) scripts/benchmark.py
+
+# Parity tests on CUDA and the benchmark of tiny/small/base on one NVIDIA GPU (exits 2 without one);
+# writes gpu_check.json (and a copy into $OUT when set). Options: GPU_CHECK_ARGS="--only ... --variants ...".
+# On a GPU host whose own python has CUDA torch, use it instead of the venv: make gpu-check PY=python3
+# (the venv is then neither built nor needed).
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),venv)
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)

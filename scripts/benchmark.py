@@ -230,9 +230,11 @@ def main() -> None:
     model = random_model(config, device, dtype)
     print(f"  weights ready in {time.perf_counter() - started:.1f} s")
     compile_decode = None if args.compile is None else args.compile == "on"
+    # The levels send identical requests: without --repeat-image the prefix cache is off, or every
+    # level after the first would measure cache hits.
     engine = Engine(
         model, processor, max_batch=max(levels), prefill_chunk_size=args.prefill_chunk,
-        compile_decode=compile_decode,
+        compile_decode=compile_decode, prefix_cache_bytes=None if args.repeat_image else 0,
     )  # fmt: skip
     engine.scheduler.eos_id = -1  # random weights: never stop early, so every request decodes in full
     print(

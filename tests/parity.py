@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,6 +14,34 @@ from PIL import Image
 FIXTURES = Path(__file__).parent / "fixtures"
 CHECKPOINTS = FIXTURES / "checkpoints"
 IMAGES = FIXTURES / "images"
+
+DEVICE_ENV = "DEEPSEEK_VL2_TEST_DEVICE"
+COMPILE_ENV = "DEEPSEEK_VL2_TEST_COMPILE"
+
+
+def _compile_decode(value: str) -> bool | None:
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{COMPILE_ENV} must be 0, 1 or unset, got {value!r}")
+    return None if value == "" else value == "1"
+
+
+# Where the parity tests load their models and engines: the CPU unless DEEPSEEK_VL2_TEST_DEVICE says
+# otherwise (scripts/gpu_check.py runs them with "cuda"). The assertions are the same on every device.
+DEVICE = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
+# Whether their engines compile the decode step: "1" or "0"; unset, the engine's own default
+# (compiled on CUDA, eager on the CPU). gpu_check runs both, so a compiler fault shows apart from a
+# model fault.
+COMPILE_DECODE = _compile_decode(os.environ.get(COMPILE_ENV, ""))
+
+if DEVICE.type == "cuda":
+    # The official fixtures were computed in IEEE fp32 (and bf16) on the CPU. On CUDA, cuDNN runs
+    # fp32 convolutions (the vision tower's patch embedding) in TF32 by default: inputs rounded to
+    # a 10-bit mantissa, relative error up to 2^-11 (about 5e-4), coarser than test_model's
+    # tolerances. fp32 matmuls (the fp32 model, the bf16 model's fp32 router) default to IEEE
+    # already; pinned as well, so that no global setting changes what is compared. Products in
+    # bf16 are unaffected by either setting.
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
 
 
 @lru_cache

@@ -14,8 +14,8 @@ import torch
 
 from deepseek_vl2 import DeepseekVL2, Engine, Processor
 from parity import (
-    CHECKPOINTS, case, conversation, model_cases, model_cases_bf16, model_inputs, model_logits,
-    model_logits_bf16,
+    CHECKPOINTS, COMPILE_DECODE, DEVICE, case, conversation, model_cases, model_cases_bf16, model_inputs,
+    model_logits, model_logits_bf16,
 )  # fmt: skip
 
 # bf16 logits of size 4-8 move in steps of 0.03-0.06: a top-1/top-2 gap under 0.5 (about 8 steps)
@@ -34,7 +34,8 @@ KEYS = [c["key"] for c in model_cases()]
 def models() -> dict[str, DeepseekVL2]:
     names = sorted({c["checkpoint"] for c in model_cases()})
     return {
-        name: DeepseekVL2.from_pretrained(CHECKPOINTS / name, dtype=torch.bfloat16) for name in names
+        name: DeepseekVL2.from_pretrained(CHECKPOINTS / name, device=DEVICE, dtype=torch.bfloat16)
+        for name in names
     }
 
 
@@ -42,7 +43,7 @@ def models() -> dict[str, DeepseekVL2]:
 def engines(models) -> Iterator[dict[str, Engine]]:
     # Engines over the models already loaded, so the module reads each checkpoint once.
     engines = {
-        name: Engine(model, Processor.from_pretrained(CHECKPOINTS / name))
+        name: Engine(model, Processor.from_pretrained(CHECKPOINTS / name), compile_decode=COMPILE_DECODE)
         for name, model in models.items()
     }
     yield engines
@@ -78,7 +79,7 @@ def test_logits_match_official_bf16(models):
         # bf16 run did, so model_inputs serves both dtypes.
         assert model.dtype == torch.bfloat16
         with torch.inference_mode():
-            logits = model(**model_inputs(c))[0, c["logit_positions"]]
+            logits = model(**model_inputs(c))[0, c["logit_positions"]].cpu()
         official = torch.from_numpy(model_logits_bf16()[f"{key}/at_positions"])
         diff, bound = float((logits - official).abs().max()), logit_bound(key)
         # For the table only: our own bf16 error, next to the official one (the bound's basis).

@@ -9,13 +9,19 @@ import torch
 from PIL import Image
 
 from deepseek_vl2 import ContextOverflowError, Engine
-from parity import CHECKPOINTS, case, conversation, model_cases
+from parity import CHECKPOINTS, COMPILE_DECODE, DEVICE, case, conversation, model_cases
 
 
 @pytest.fixture(scope="module")
 def engines() -> Iterator[dict[str, Engine]]:
     names = sorted({c["checkpoint"] for c in model_cases()})
-    engines = {name: Engine.from_pretrained(CHECKPOINTS / name) for name in names}
+    # fp32 named explicitly: on CUDA the engine's default dtype is bf16.
+    engines = {
+        name: Engine.from_pretrained(
+            CHECKPOINTS / name, device=DEVICE, dtype=torch.float32, compile_decode=COMPILE_DECODE
+        )
+        for name in names
+    }
     yield engines
     for engine in engines.values():
         engine.close()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config
 from deepseek_vl2.language import Experts, Gate
 from deepseek_vl2.projector import Projector
-from parity import CHECKPOINTS, model_cases, model_inputs, model_logits
+from parity import CHECKPOINTS, DEVICE, model_cases, model_inputs, model_logits
 
 # The fixture README: fp64 vs fp32 reference runs differ by <= 3.5e-5 in logits and 2.2e-6 in
 # embeddings; a correct fp32 implementation stays well below these.
@@ -20,7 +20,7 @@ EMBED_TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def models() -> dict[str, DeepseekVL2]:
     names = sorted({c["checkpoint"] for c in model_cases()})
-    return {name: DeepseekVL2.from_pretrained(CHECKPOINTS / name) for name in names}
+    return {name: DeepseekVL2.from_pretrained(CHECKPOINTS / name, device=DEVICE) for name in names}
 
 
 @pytest.mark.parametrize("key", [c["key"] for c in model_cases()])
@@ -29,8 +29,8 @@ def test_logits_match_official(models, key):
     model, inputs = models[c["checkpoint"]], model_inputs(c)
     positions = c["logit_positions"]
     with torch.inference_mode():
-        embeds = model.embed(**inputs)[0, positions]
-        logits = model(**inputs)[0]
+        embeds = model.embed(**inputs)[0, positions].cpu()
+        logits = model(**inputs)[0].cpu()
     assert logits.dtype == torch.float32 and logits.shape == (len(c["input_ids"]), 608)
     ref = model_logits()
     embed_diff = (embeds - torch.from_numpy(ref[f"{key}/inputs_embeds_at_positions"])).abs().max()
@@ -43,7 +43,7 @@ def test_logits_match_official(models, key):
 
 
 def test_bf16_load_keeps_router_in_fp32():
-    model = DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mla-noaux", dtype=torch.bfloat16)
+    model = DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mla-noaux", device=DEVICE, dtype=torch.bfloat16)
     gate = model.language.model.layers[1].mlp.gate
     assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
     assert model.language.lm_head.weight.dtype == torch.bfloat16
