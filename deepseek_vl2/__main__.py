@@ -13,16 +13,15 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 
 from . import Engine, build_messages
+from .engine import DTYPES
 from .grounding import render_grounding
 from .images import ImageInputError, load_image
 from .weights import WeightsNotFoundError, is_checkpoint_dir, is_demo_checkpoint, resolve_weights
 
 logger = logging.getLogger("deepseek_vl2.cli")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +45,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repetition-penalty", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if found)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: $DEEPSEEK_VL2_DTYPE, else bfloat16")
     parser.add_argument(
         "--save-boxes",
         type=Path,

@@ -34,10 +34,10 @@ class Execution:
     transposed_max_rows: int = 0
     # With low-precision weights, products of at least this many rows compute in fp32 (0: never).
     upcast_min_rows: int = 0
-    # The KV cache's dtype (None: the weights'); attention runs in it. On the CPU with bf16 weights
-    # the cache holds the bf16-rounded keys and values in fp32: bf16 attention kernels there are
-    # 2.5-4x slower (decode over 1824 tokens: 3.2-4.9 ms per layer against 1.25 ms in fp32).
-    cache_dtype: torch.dtype | None = None
+    # MLA decode keeps its latent-space attention output in fp32 until the value projection, as
+    # the reference rounds the attention output once (bf16 on the CPU; on CUDA an fp32 copy of the
+    # latent cache every step would cost more than the rounding).
+    fp32_latent_attention: bool = False
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype) -> Execution:
@@ -45,7 +45,7 @@ class Execution:
             return cls(sync_free_expert_tokens=64)
         if dtype == torch.float32:
             return cls(transposed_max_rows=16)
-        return cls(upcast_min_rows=16, cache_dtype=torch.float32)
+        return cls(upcast_min_rows=16, fp32_latent_attention=True)
 
     def __post_init__(self) -> None:
         if self.sync_free_experts not in ("auto", "gathered", "dense"):
@@ -79,9 +79,12 @@ def upcast(weight: torch.Tensor) -> torch.Tensor:
     Fresh fp32 memory for every product costs 3-6x the conversion itself (page faults): 64
     expert matrices convert in 24 ms into one buffer, 83 ms into new ones.
     """
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < weight.numel() or buffer.device != weight.device:
-        buffer = _scratch.buffer = torch.empty(weight.numel(), dtype=torch.float32, device=weight.device)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    # One per device, and per inference mode: an inference tensor cannot be written outside it.
+    key = (weight.device, torch.is_inference_mode_enabled())
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < weight.numel():
+        buffer = buffers[key] = torch.empty(weight.numel(), dtype=torch.float32, device=weight.device)
     return buffer[: weight.numel()].view(weight.shape).copy_(weight)
 
 

@@ -81,7 +81,7 @@ class StepContext:
         assert self.positions is not None and cache is not None, "setup_cache first"
         rows = cache[self.rows]
         batch = torch.arange(rows.shape[0], device=rows.device)[:, None]
-        rows[batch, self.positions] = value.to(rows.dtype)
+        rows[batch, self.positions] = value
         return rows[:, : self.kv_len]
 
 
@@ -123,17 +123,19 @@ class MultiHeadAttention(nn.Module):
             k = ctx.write(self.k_cache, k.transpose(1, 2)).transpose(1, 2)
             v = ctx.write(self.v_cache, v.transpose(1, 2)).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.to(k.dtype), k, v,
+            q, k, v,
             attn_mask=ctx.mask,
             is_causal=ctx.mask is None,
             scale=self.scale,
             enable_gqa=self.heads != self.kv_heads,
         )  # fmt: skip
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1).to(x.dtype))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class MultiHeadLatentAttention(nn.Module):
     """MLA: keys and values are up-projected from a small per-token latent shared by all heads."""
+
+    execution = Execution()
 
     def __init__(self, c: LanguageConfig):
         super().__init__()
@@ -184,17 +186,15 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, ctx.mask)
         else:
             out = self._attend_expanded(q_nope, q_pe, latent, k_pe, ctx.mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim).to(x.dtype))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim))
 
     def _attend_expanded(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
         """Up-project keys and values for every cached token: cheapest when many queries share them."""
         b, s, _ = latent.shape
-        kv = self.kv_b_proj(latent.to(q_nope.dtype)).to(latent.dtype)
-        k_nope, v = kv.view(b, s, self.heads, self.nope + self.v_dim).transpose(1, 2).split(
-            [self.nope, self.v_dim], dim=-1
-        )
+        kv = self.kv_b_proj(latent).view(b, s, self.heads, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(b, self.heads, s, self.rope)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).to(latent.dtype)
+        q = torch.cat([q_nope, q_pe], dim=-1)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
         )
@@ -207,16 +207,18 @@ class MultiHeadLatentAttention(nn.Module):
         """
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
-        cached = latent.dtype  # attention runs in the cache's dtype (see Execution.cache_dtype)
-        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk).to(cached)
-        scores = q_latent @ latent[:, None].transpose(-1, -2) + q_pe.to(cached) @ k_pe[:, None].transpose(-1, -2)
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        scores = q_latent @ latent[:, None].transpose(-1, -2) + q_pe @ k_pe[:, None].transpose(-1, -2)
         scores = scores.float() * self.scale
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        # Probabilities rounded to the activation dtype, as the reference does.
-        probs = scores.softmax(dim=-1).to(q_nope.dtype).to(cached)
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        if self.execution.fp32_latent_attention:
+            # Rounding the latent output before W_UV would add a rounding the reference lacks.
+            out_latent = probs.float() @ latent[:, None].float()
+            return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv.float()).to(latent.dtype)
         out_latent = probs @ latent[:, None]
-        return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv.to(cached))
+        return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
 
 
 class MLP(nn.Module):
@@ -388,8 +390,6 @@ class DecoderStack(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    execution = Execution()
-
     def __init__(self, c: LanguageConfig):
         super().__init__()
         self.config = c
@@ -397,10 +397,6 @@ class LanguageModel(nn.Module):
         self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rope = RotaryTables(c.rope_dim, c.max_position_embeddings, c.rope_theta)
         self.cache_shape: tuple[int, int] | None = None  # (batch, max_len) of the allocated caches
-
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        return self.execution.cache_dtype or self.lm_head.weight.dtype
 
     def setup_cache(self, batch: int, max_len: int) -> None:
         """Allocate every layer's cache: `batch` rows of `max_len` tokens; a no-op if that size."""
@@ -412,7 +408,7 @@ class LanguageModel(nn.Module):
             )
         weight = self.lm_head.weight
         for layer in self.model.layers:
-            layer.self_attn.setup_cache(batch, max_len, weight.device, self.cache_dtype)
+            layer.self_attn.setup_cache(batch, max_len, weight.device, weight.dtype)
         self.cache_shape = (batch, max_len)
 
     def caches(self) -> list[torch.Tensor]:

@@ -29,7 +29,7 @@ CPU_DEFAULT_MAX_BATCH = 4
 def cache_bytes_per_row(model: DeepseekVL2) -> int:
     """Bytes of one KV-cache row holding the whole context."""
     c = model.config.language
-    element = torch.finfo(model.language.cache_dtype).bits // 8
+    element = torch.finfo(model.dtype).bits // 8
     return c.cache_values_per_token * c.max_position_embeddings * element
 
 
@@ -80,7 +80,7 @@ class ModelRunner:
         log.info(
             "KV cache: %d rows x %d tokens, %.2f GiB (%.3f GiB per row) in %s",
             max_batch, self.context_length, max_batch * cache_bytes_per_row(model) / 2**30,
-            cache_bytes_per_row(model) / 2**30, str(model.language.cache_dtype).removeprefix("torch."),
+            cache_bytes_per_row(model) / 2**30, str(model.dtype).removeprefix("torch."),
         )  # fmt: skip
         self._compiled_decode = None
         if compile_decode:

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, GenerationResult, Processor  # noqa: E402
-from deepseek_vl2.engine import default_device_and_dtype  # noqa: E402
+from deepseek_vl2.engine import DTYPES, default_device, default_dtype  # noqa: E402
 from deepseek_vl2.random_weights import randomize_  # noqa: E402
 from deepseek_vl2.runner import cache_bytes_per_row  # noqa: E402
 
@@ -49,7 +49,6 @@ SEED_IMAGE = ROOT / "tests" / "fixtures" / "images" / "vqa_1.jpg"
 SEED_PROMPT = "Describe each stage of this image in detail"
 TEXT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 FOLLOW_UP_PROMPT = "Which stage comes last, and what happens in it?"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def config_for(variant: str, processor: Processor) -> DeepseekVL2Config:
@@ -207,7 +206,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=["tiny", "small", "base"], default="tiny")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: $DEEPSEEK_VL2_DTYPE, else bfloat16")
     parser.add_argument("--concurrency", default="1", help="comma-separated levels, e.g. 1,2,4,8")
     parser.add_argument("--text-only", action="store_true", help="a short text prompt, no image")
     parser.add_argument("--repeat-image", action="store_true", help="two questions about one image in a row")
@@ -217,9 +216,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    default_device, default_dtype = default_device_and_dtype()
-    device = torch.device(args.device) if args.device else default_device
-    dtype = DTYPES[args.dtype] if args.dtype else (default_dtype if device.type == default_device.type else torch.float32)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype()
     levels = sorted({int(level) for level in args.concurrency.split(",")})
     processor = Processor.from_pretrained(TOKENIZER)
     config = config_for(args.variant, processor)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,11 +14,11 @@ from deepseek_vl2.language import Experts
 
 def test_each_device_gets_its_branches():
     cuda = Execution.for_device(torch.device("cuda"), torch.bfloat16)
-    assert cuda.sync_free_expert_tokens > 0 and not cuda.upcast_min_rows and cuda.cache_dtype is None
+    assert cuda.sync_free_expert_tokens > 0 and not cuda.upcast_min_rows and not cuda.fp32_latent_attention
     cpu32 = Execution.for_device(torch.device("cpu"), torch.float32)
     assert cpu32.transposed_max_rows > 1 and not cpu32.sync_free_expert_tokens
     cpu16 = Execution.for_device(torch.device("cpu"), torch.bfloat16)
-    assert cpu16.upcast_min_rows > 0 and cpu16.cache_dtype == torch.float32
+    assert cpu16.upcast_min_rows > 0 and cpu16.fp32_latent_attention
     with pytest.raises(ValueError, match="sync_free_experts"):
         Execution(sync_free_experts="sometimes")
 
@@ -54,6 +56,20 @@ def test_the_upcast_buffer_is_reused_and_grows():
     second = upcast(large)
     assert torch.equal(first, small.float()) and torch.equal(second, large.float())
     assert torch.equal(upcast(small), small.float())  # written into the grown buffer
+
+
+def test_a_buffer_made_in_inference_mode_is_not_written_outside_it():
+    weight, results = torch.randn(30, 8).bfloat16(), []
+
+    def fresh_thread() -> None:  # the buffers are per thread: this one starts without any
+        with torch.inference_mode():
+            upcast(weight)
+        results.append(torch.equal(upcast(weight), weight.float()))
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert results == [True]
 
 
 def random_experts(n_experts: int, dim: int, width: int, seed: int) -> Experts:
