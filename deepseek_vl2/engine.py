@@ -34,6 +34,7 @@ from .tokenizer import StreamDecoder
 log = logging.getLogger(__name__)
 
 MAX_BATCH_ENV = "DEEPSEEK_VL2_MAX_BATCH"
+CONCURRENCY_ENV = "COG_MAX_CONCURRENCY"  # the Cog server's limit on predictions at once
 PREFILL_CHUNK_ENV = "DEEPSEEK_VL2_PREFILL_CHUNK"
 PREFIX_CACHE_ENV = "DEEPSEEK_VL2_PREFIX_CACHE_GB"
 DTYPE_ENV = "DEEPSEEK_VL2_DTYPE"
@@ -120,15 +121,16 @@ class Engine:
         """One engine per model: it owns the model's KV cache and runs it on its own thread.
 
         Unset arguments come from DEEPSEEK_VL2_MAX_BATCH / DEEPSEEK_VL2_PREFILL_CHUNK /
-        DEEPSEEK_VL2_PREFIX_CACHE_GB, then from defaults: max_batch from memory
-        (runner.default_max_batch), prefill chunks of 512 tokens, decode compiled on CUDA, a prefix
-        cache sized from the memory left (prefix_cache.cache_budget; 0 turns it off).
+        DEEPSEEK_VL2_PREFIX_CACHE_GB, then from defaults: max_batch as many rows as the server
+        admits predictions (COG_MAX_CONCURRENCY) or, unset, runner.default_max_batch, within GPU
+        memory; prefill chunks of 512 tokens; decode compiled on CUDA; a prefix cache sized from the
+        memory left (prefix_cache.cache_budget; 0 turns it off).
         """
         self.model, self.processor = model, processor
         self.config = model.config
         self.context_length = self.config.language.max_position_embeddings
         self.eos_id = processor.tokenizer.eos_id
-        max_batch = max_batch or _env_int(MAX_BATCH_ENV) or default_max_batch(model)
+        max_batch = max_batch or _env_int(MAX_BATCH_ENV) or default_max_batch(model, _env_int(CONCURRENCY_ENV))
         prefill_chunk_size = prefill_chunk_size or _env_int(PREFILL_CHUNK_ENV) or DEFAULT_PREFILL_CHUNK
         if vision_chunk_tiles is None:
             vision_chunk_tiles = DEFAULT_VISION_CHUNK_TILES.get(self.device.type, 2)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
-from .execution import Execution, Linear
+from .execution import Execution, Linear, upcast
 
 
 class RMSNorm(nn.Module):
@@ -88,6 +88,8 @@ class StepContext:
 class MultiHeadAttention(nn.Module):
     """Plain multi-head attention (the tiny variant), q/k/v fused into one projection."""
 
+    execution = Execution()
+
     def __init__(self, c: LanguageConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = (
@@ -122,13 +124,9 @@ class MultiHeadAttention(nn.Module):
         if ctx.positions is not None:
             k = ctx.write(self.k_cache, k.transpose(1, 2)).transpose(1, 2)
             v = ctx.write(self.v_cache, v.transpose(1, 2)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=ctx.mask,
-            is_causal=ctx.mask is None,
-            scale=self.scale,
-            enable_gqa=self.heads != self.kv_heads,
-        )  # fmt: skip
+        out = self.execution.attention(
+            q, k, v, ctx.mask, causal=ctx.mask is None, scale=self.scale, enable_gqa=self.heads != self.kv_heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -195,9 +193,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(b, self.heads, s, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
-        )
+        return self.execution.attention(q, k, v, mask, causal=mask is None, scale=self.scale)
 
     def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
         """Fold W_UK into the query and W_UV into the output, attending over the latent directly.
@@ -205,7 +201,11 @@ class MultiHeadLatentAttention(nn.Module):
         Per decoded token this reads rank + rope values per cached position instead of
         heads * (nope + v), which is the whole point of MLA.
         """
+        dtype = q_nope.dtype
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        if self.execution.fp32_attention and dtype != torch.float32:
+            q_nope, q_pe, w = q_nope.float(), q_pe.float(), w.float()
+            latent, k_pe = upcast(latent, slot=1), upcast(k_pe, slot=2)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
         scores = q_latent @ latent[:, None].transpose(-1, -2) + q_pe @ k_pe[:, None].transpose(-1, -2)
@@ -213,12 +213,8 @@ class MultiHeadLatentAttention(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(latent.dtype)
-        if self.execution.fp32_latent_attention:
-            # Rounding the latent output before W_UV would add a rounding the reference lacks.
-            out_latent = probs.float() @ latent[:, None].float()
-            return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv.float()).to(latent.dtype)
         out_latent = probs @ latent[:, None]
-        return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
+        return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv).to(dtype)
 
 
 class MLP(nn.Module):

@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from .engine import planned_max_batch
+from .engine import CONCURRENCY_ENV, planned_max_batch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-CONCURRENCY_ENV = "COG_MAX_CONCURRENCY"
 
 
 class ServerError(RuntimeError):

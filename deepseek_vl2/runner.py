@@ -46,19 +46,25 @@ def free_memory_bytes(device: torch.device) -> int:
         return 0
 
 
-def default_max_batch(model: DeepseekVL2) -> int:
-    """CPU: a few rows (a batch step there costs little more than one row up to about 4-8).
-    GPU: half of the memory left after the weights and an activation reserve, capped."""
+def default_max_batch(model: DeepseekVL2, wanted: int | None = None) -> int:
+    """`wanted` rows (the HTTP concurrency, when it is set), else 4 on the CPU and 16 on a GPU;
+    on a GPU at most what half of the memory left after the weights and the activation reserve
+    holds (the other half is for the prefix cache)."""
     if model.device.type != "cuda":
-        return CPU_DEFAULT_MAX_BATCH
+        return wanted or CPU_DEFAULT_MAX_BATCH
     free = free_memory_bytes(model.device)
-    rows = min(GPU_MAX_BATCH_CAP, free // 2 // cache_bytes_per_row(model))
+    rows = min(wanted or GPU_MAX_BATCH_CAP, free // 2 // cache_bytes_per_row(model))
     if rows < 1:
         raise MemoryError(
             f"only {free / 2**30:.1f} GiB of GPU memory is free after loading the weights and "
             f"keeping {GPU_ACTIVATION_RESERVE_BYTES / 2**30:.0f} GiB for activations; one cache "
             f"row needs {cache_bytes_per_row(model) / 2**30:.2f} GiB"
         )
+    if wanted and rows < wanted:
+        log.warning(
+            "GPU memory holds %d cache rows, not %d: the other concurrent requests wait in the queue",
+            rows, wanted,
+        )  # fmt: skip
     return int(rows)
 
 
@@ -75,6 +81,13 @@ class ModelRunner:
         self.model, self.language = model, model.language
         self.max_batch = max_batch
         self.context_length = model.config.language.max_position_embeddings
+        if model.device.type == "cuda" and max_batch * cache_bytes_per_row(model) > free_memory_bytes(model.device):
+            raise MemoryError(
+                f"a KV cache of {max_batch} rows needs {max_batch * cache_bytes_per_row(model) / 2**30:.1f} "
+                f"GiB but only {free_memory_bytes(model.device) / 2**30:.1f} GiB of GPU memory is free "
+                f"beyond the {GPU_ACTIVATION_RESERVE_BYTES / 2**30:.0f} GiB activation reserve: lower "
+                f"DEEPSEEK_VL2_MAX_BATCH"
+            )
         self.language.setup_cache(max_batch, self.context_length)
         self.buckets = batch_buckets(max_batch)
         log.info(

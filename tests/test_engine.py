@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepseek_vl2 import ContextOverflowError, Engine
+from deepseek_vl2 import ContextOverflowError, DeepseekVL2, Engine, Processor
 from parity import CHECKPOINTS, COMPILE_DECODE, DEVICE, case, conversation, model_cases
 
 
@@ -110,3 +110,23 @@ def test_zero_new_tokens_generates_nothing(engines):
     messages, images = conversation(case("tiny-mha/m_text"))
     result = engines["tiny-mha"].generate(messages, images, max_new_tokens=0)
     assert result.token_ids == [] and result.text == ""
+
+
+def test_the_batch_follows_the_servers_concurrency_unless_set(monkeypatch):
+    model = DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mla")
+    processor = Processor.from_pretrained(CHECKPOINTS / "tiny-mla")
+
+    def batch() -> int:
+        with Engine(model, processor, prefix_cache_bytes=0) as engine:
+            return engine.max_batch
+
+    monkeypatch.delenv("DEEPSEEK_VL2_MAX_BATCH", raising=False)
+    monkeypatch.delenv("COG_MAX_CONCURRENCY", raising=False)
+    assert batch() == 4  # the CPU default
+    monkeypatch.setenv("COG_MAX_CONCURRENCY", "3")
+    assert batch() == 3  # as many rows as the server admits predictions
+    monkeypatch.setenv("DEEPSEEK_VL2_MAX_BATCH", "2")
+    assert batch() == 2
+    monkeypatch.setenv("DEEPSEEK_VL2_MAX_BATCH", "0")
+    with pytest.raises(ValueError, match="DEEPSEEK_VL2_MAX_BATCH must be a positive integer"):
+        batch()

@@ -14,11 +14,11 @@ from deepseek_vl2.language import Experts
 
 def test_each_device_gets_its_branches():
     cuda = Execution.for_device(torch.device("cuda"), torch.bfloat16)
-    assert cuda.sync_free_expert_tokens > 0 and not cuda.upcast_min_rows and not cuda.fp32_latent_attention
+    assert cuda.sync_free_expert_tokens > 0 and not cuda.upcast_min_rows and not cuda.fp32_attention
     cpu32 = Execution.for_device(torch.device("cpu"), torch.float32)
     assert cpu32.transposed_max_rows > 1 and not cpu32.sync_free_expert_tokens
     cpu16 = Execution.for_device(torch.device("cpu"), torch.bfloat16)
-    assert cpu16.upcast_min_rows > 0 and cpu16.fp32_latent_attention
+    assert cpu16.upcast_min_rows > 0 and cpu16.fp32_attention
     with pytest.raises(ValueError, match="sync_free_experts"):
         Execution(sync_free_experts="sometimes")
 
@@ -117,3 +117,17 @@ def test_auto_gathers_for_a_few_tokens_and_runs_dense_for_many(monkeypatch):
     for tokens in (1, 4, 65):  # 6 picks move less than all 64 experts; 24 picks do not; 65 > limit
         experts(torch.randn(tokens, 8), torch.rand(tokens, 6), torch.randint(0, 64, (tokens, 6)))
     assert taken == ["forward_gathered", "forward_dense", "forward_grouped"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp32_attention_over_bf16_values_is_fp32_attention_rounded_once(causal):
+    torch.manual_seed(4)
+    q = torch.randn(2, 4, 7, 16).bfloat16()
+    cache = torch.randn(2, 9, 4, 16).bfloat16()  # [B, S, heads, dim], read as [B, heads, S, dim]
+    k, v = cache.transpose(1, 2), cache.flip(1).transpose(1, 2)
+    mask = None if causal else torch.rand(2, 1, 7, 9) > 0.3
+    got = Execution(fp32_attention=True).attention(q, k, v, mask, causal=causal, scale=0.2)
+    expected = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, scale=0.2
+    ).bfloat16()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
