@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 from . import Engine, build_messages
-from .engine import DTYPES
+from .settings import DTYPES
 from .grounding import render_grounding
 from .images import ImageInputError, load_image
 from .weights import WeightsNotFoundError, is_checkpoint_dir, is_demo_checkpoint, resolve_weights

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,21 +23,19 @@ from PIL import Image
 
 from .model import DeepseekVL2
 from .processor import Processor, ProcessorOutput
-from .request import Event, Request, Timings
 from .prefix_cache import PrefixCache, PromptKeys, cache_budget
-from .runner import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP, ModelRunner, default_max_batch, free_memory_bytes
+from .request import Event, Request, Timings
+from .runner import ModelRunner, default_max_batch, free_memory_bytes
 from .sampling import SamplingParams
 from .scheduler import Scheduler
+from .settings import (
+    CONCURRENCY_ENV, MAX_BATCH_ENV, PREFILL_CHUNK_ENV, PREFIX_CACHE_ENV, default_device, default_dtype,
+    env_gib, env_int,
+)  # fmt: skip
 from .tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_ENV = "DEEPSEEK_VL2_MAX_BATCH"
-CONCURRENCY_ENV = "COG_MAX_CONCURRENCY"  # the Cog server's limit on predictions at once
-PREFILL_CHUNK_ENV = "DEEPSEEK_VL2_PREFILL_CHUNK"
-PREFIX_CACHE_ENV = "DEEPSEEK_VL2_PREFIX_CACHE_GB"
-DTYPE_ENV = "DEEPSEEK_VL2_DTYPE"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_PREFILL_CHUNK = 512
 # Tiles per vision step: on a GPU all of a request's tiles (at most 3 images x 10); on the CPU,
 # where one 384x384 tile takes seconds, two at a time so running answers keep flowing.
@@ -59,51 +56,6 @@ class GenerationResult:
 
 class ContextOverflowError(ValueError):
     """The prompt alone does not fit the model's context."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype() -> torch.dtype:
-    """bf16 unless DEEPSEEK_VL2_DTYPE names another: the production dtype on a GPU, and on the CPU
-    twice fp32's decode speed at about 0.6x its memory for the same time to first token (README,
-    Performance)."""
-    name = os.environ.get(DTYPE_ENV, "").strip() or "bfloat16"
-    if name not in DTYPES:
-        raise ValueError(f"{DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def _env_int(name: str, environ: Mapping[str, str] = os.environ) -> int | None:
-    """A positive integer setting from the environment, or None when unset."""
-    value = environ.get(name, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _env_gib(name: str) -> int | None:
-    """A size in GiB from the environment, as bytes; None when unset."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    try:
-        gib = float(value)
-    except ValueError:
-        gib = -1.0
-    if not gib >= 0:
-        raise ValueError(f"{name} must be a number of GiB >= 0, got {value!r}")
-    return int(gib * 2**30)
-
-
-def planned_max_batch(cuda: bool, environ: Mapping[str, str] = os.environ) -> int:
-    """The batch size to plan for before a model is loaded (the HTTP concurrency limit):
-    DEEPSEEK_VL2_MAX_BATCH, else the GPU cap or the CPU default. On a GPU the engine may find room
-    for fewer rows; the surplus requests then wait in its queue."""
-    return _env_int(MAX_BATCH_ENV, environ) or (GPU_MAX_BATCH_CAP if cuda else CPU_DEFAULT_MAX_BATCH)
 
 
 class Engine:
@@ -130,15 +82,15 @@ class Engine:
         self.config = model.config
         self.context_length = self.config.language.max_position_embeddings
         self.eos_id = processor.tokenizer.eos_id
-        max_batch = max_batch or _env_int(MAX_BATCH_ENV) or default_max_batch(model, _env_int(CONCURRENCY_ENV))
-        prefill_chunk_size = prefill_chunk_size or _env_int(PREFILL_CHUNK_ENV) or DEFAULT_PREFILL_CHUNK
+        max_batch = max_batch or env_int(MAX_BATCH_ENV) or default_max_batch(model, env_int(CONCURRENCY_ENV))
+        prefill_chunk_size = prefill_chunk_size or env_int(PREFILL_CHUNK_ENV) or DEFAULT_PREFILL_CHUNK
         if vision_chunk_tiles is None:
             vision_chunk_tiles = DEFAULT_VISION_CHUNK_TILES.get(self.device.type, 2)
         if compile_decode is None:
             compile_decode = self.device.type == "cuda"
         self.runner = ModelRunner(model, max_batch, compile_decode)
         if prefix_cache_bytes is None:
-            prefix_cache_bytes = _env_gib(PREFIX_CACHE_ENV)
+            prefix_cache_bytes = env_gib(PREFIX_CACHE_ENV)
         budget = cache_budget(self.device, free_memory_bytes(self.device), prefix_cache_bytes)
         self.prefix_cache = PrefixCache(budget) if budget > 0 else None
         # Cached values depend on the weights and on how they were computed.

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .engine import CONCURRENCY_ENV, planned_max_batch
+from .settings import CONCURRENCY_ENV, planned_max_batch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

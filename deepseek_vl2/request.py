@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
@@ -19,13 +18,6 @@ from .sampling import Sampler, SamplingParams
 # What the scheduler reports to whoever waits on a request, in order: each new token id, then
 # None when it has finished, or the exception that failed it.
 Event = int | BaseException | None
-
-
-class Status(Enum):
-    WAITING = "waiting"  # queued (FIFO) until a cache row is free
-    PREFILLING = "prefilling"  # owns a cache row; vision and prefill run a chunk per step
-    RUNNING = "running"  # in the decode batch
-    FINISHED = "finished"
 
 
 @dataclass
@@ -66,8 +58,7 @@ class Request:
     notify: Callable[[Event], None]
     timings: Timings
     id: int = field(default_factory=lambda: next(_ids))
-    status: Status = Status.WAITING
-    row: int = -1  # cache row while PREFILLING or RUNNING
+    row: int = -1  # its cache row once admitted (prefilling or decoding)
     tokens: list[int] = field(default_factory=list)
     sampler: Sampler | None = None
     keys: PromptKeys | None = None  # for the prefix cache; None when it is off

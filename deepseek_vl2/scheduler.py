@@ -25,7 +25,7 @@ import torch
 
 from .model import tile_ranges
 from .prefix_cache import PrefixCache
-from .request import Request, Status
+from .request import Request
 from .runner import ModelRunner
 from .sampling import Sampler
 
@@ -156,7 +156,7 @@ class Scheduler:
             if not self.waiting:
                 return
             request = self.waiting.popleft()
-        request.status, request.row = Status.PREFILLING, len(self.running)
+        request.row = len(self.running)
         request.timings.queue_s = time.perf_counter() - request.timings.started - request.timings.preprocess_s
         self.prefilling = request
         self._plan_prefill(request)
@@ -231,7 +231,7 @@ class Scheduler:
             return
         target = len(self.running)
         self.runner.move_row(request.row, target, request.cached_len)
-        request.status, request.row = Status.RUNNING, target
+        request.row = target
         self.running.append(request)
 
     def _collect_spans(self, request: Request) -> None:
@@ -284,7 +284,7 @@ class Scheduler:
                 last.row, self.running[index] = index, last
 
     def _finish(self, request: Request, error: BaseException | None = None) -> None:
-        request.status, request.row = Status.FINISHED, -1
+        request.row = -1
         request.tiles, request.features, request.spans, request.embeds = None, [], {}, None
         if error is None:
             t = request.timings

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, GenerationResult, Processor  # noqa: E402
-from deepseek_vl2.engine import DTYPES, default_device, default_dtype  # noqa: E402
+from deepseek_vl2.settings import DTYPES, default_device, default_dtype  # noqa: E402
 from deepseek_vl2.random_weights import randomize_  # noqa: E402
 from deepseek_vl2.runner import cache_bytes_per_row  # noqa: E402
 

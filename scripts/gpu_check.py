@@ -62,7 +62,7 @@ from benchmark import (  # noqa: E402
     ROOT, TOKENIZER, config_for, decode_bytes_per_token, measure_bandwidth, random_model, request, run_level,
 )  # fmt: skip
 from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, Processor  # noqa: E402
-from deepseek_vl2.engine import MAX_BATCH_ENV  # noqa: E402
+from deepseek_vl2.settings import MAX_BATCH_ENV  # noqa: E402
 
 NO_CUDA_MESSAGE = "no CUDA device: gpu-check needs an NVIDIA GPU; the CPU checks are `make test`"
 EXIT_NO_CUDA = 2
