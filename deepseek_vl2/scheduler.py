@@ -159,7 +159,13 @@ class Scheduler:
         request.row = len(self.running)
         request.timings.queue_s = time.perf_counter() - request.timings.started - request.timings.preprocess_s
         self.prefilling = request
-        self._plan_prefill(request)
+        try:
+            self._plan_prefill(request)
+        except Exception as error:  # e.g. no memory for its copy: fail this request, not the others
+            log.exception("request %d failed at admission", request.id)
+            self.prefilling = None
+            self._finish(request, error)
+            return
         log.info(
             "request %d: prefilling %d of %d prompt tokens (%d image tiles) in cache row %d; "
             "%d running, %d queued",

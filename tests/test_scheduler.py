@@ -214,3 +214,26 @@ def test_a_cancelled_request_raises_for_its_waiter(engines):
     with pytest.raises(RequestCancelled):
         list(pieces)
     assert engine.scheduler.busy_rows == 0
+
+
+def test_a_request_that_fails_fails_alone(engines, alone, monkeypatch):
+    engine = engines["tiny-mha"]
+    jobs = mixed_jobs("tiny-mha")[:3]  # image prompts
+    doomed_length = case("tiny-mha/m_text")["seq_len"]
+    original = engine.runner.prompt_embeds
+
+    def prompt_embeds(inputs, start, spans):
+        if inputs.input_ids.shape[1] == doomed_length:
+            raise RuntimeError("no memory left for this prompt")
+        return original(inputs, start, spans)
+
+    monkeypatch.setattr(engine.runner, "prompt_embeds", prompt_embeds)
+    doomed = greedy("tiny-mha/m_text", 1.0)
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+        futures = [pool.submit(job.run, engine) for job in jobs]
+        failure = pool.submit(doomed.run, engine)
+        with pytest.raises(RuntimeError, match="no memory left for this prompt"):
+            failure.result()
+        for job, future in zip(jobs, futures):
+            assert_same_tokens(job, future.result().token_ids, alone["tiny-mha", repr(job)])
+    assert engine.scheduler.busy_rows == 0
