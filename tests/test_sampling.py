@@ -47,6 +47,19 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(1.0) == [True, True, True, True]
 
 
+@pytest.mark.parametrize("k,p", [(50, 0.8), (3, 0.5), (1000, 0.95), (7, 0.999)])
+def test_top_p_after_top_k_keeps_what_the_whole_vocabulary_rule_keeps(k, p):
+    """top-p orders only the tokens top-k left: the kept set must be the rule's, applied by sorting
+    the whole vocabulary (transformers' way)."""
+    torch.manual_seed(k)
+    logits = filter_top_k(torch.randn(2, 1000) * 3, k)
+    ascending, order = logits.sort(dim=-1)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
+    drop[..., -1] = False
+    expected = logits.masked_fill(drop.scatter(-1, order, drop), NEG)
+    assert torch.equal(filter_top_p(logits, p), expected)
+
+
 def test_sampling_follows_the_distribution_and_the_seed():
     logits = torch.tensor([[0.0, 1.0, 2.0]])
     draws = lambda seed: [
@@ -66,3 +79,12 @@ def test_sampling_follows_the_distribution_and_the_seed():
 def test_invalid_parameters_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_a_draw_among_the_top_k_follows_their_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -5.0, 0.5]])
+    sampler = lambda seed: Sampler(SamplingParams(temperature=1.0, top_k=2, seed=seed), 5, torch.tensor([[3]]))  # noqa: E731
+    sample = [int(sampler(seed)(logits)) for seed in range(600)]
+    assert set(sample) == {1, 2}
+    expected = logits[0, [1, 2]].softmax(-1)
+    assert sample.count(2) / len(sample) == pytest.approx(float(expected[1]), abs=0.06)
