@@ -81,19 +81,20 @@ class ModelRunner:
         self.model, self.language = model, model.language
         self.max_batch = max_batch
         self.context_length = model.config.language.max_position_embeddings
-        if model.device.type == "cuda" and max_batch * cache_bytes_per_row(model) > free_memory_bytes(model.device):
+        needed = max_batch * cache_bytes_per_row(model)
+        if model.device.type == "cuda" and needed > (free := free_memory_bytes(model.device)):
             raise MemoryError(
-                f"a KV cache of {max_batch} rows needs {max_batch * cache_bytes_per_row(model) / 2**30:.1f} "
-                f"GiB but only {free_memory_bytes(model.device) / 2**30:.1f} GiB of GPU memory is free "
-                f"beyond the {GPU_ACTIVATION_RESERVE_BYTES / 2**30:.0f} GiB activation reserve: lower "
+                f"a KV cache of {max_batch} rows needs {needed / 2**30:.1f} GiB but only "
+                f"{free / 2**30:.1f} GiB of GPU memory is free beyond the "
+                f"{GPU_ACTIVATION_RESERVE_BYTES / 2**30:.0f} GiB activation reserve: lower "
                 f"DEEPSEEK_VL2_MAX_BATCH"
             )
         self.language.setup_cache(max_batch, self.context_length)
         self.buckets = batch_buckets(max_batch)
         log.info(
             "KV cache: %d rows x %d tokens, %.2f GiB (%.3f GiB per row) in %s",
-            max_batch, self.context_length, max_batch * cache_bytes_per_row(model) / 2**30,
-            cache_bytes_per_row(model) / 2**30, str(model.dtype).removeprefix("torch."),
+            max_batch, self.context_length, needed / 2**30, needed / max_batch / 2**30,
+            str(model.dtype).removeprefix("torch."),
         )  # fmt: skip
         self._compiled_decode = None
         if compile_decode:
