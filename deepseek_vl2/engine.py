@@ -164,9 +164,7 @@ class Engine:
         seed: int | None = None,
     ) -> GenerationResult:
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
-        events: queue.Queue[Event] = queue.Queue()
-        request = self._prepare(messages, images, max_new_tokens, params, events.put)
-        self._submit(request)
+        request, events = self._start(messages, images, max_new_tokens, params)
         return self._result(request, list(self._tokens(request, events)))
 
     def stream(
@@ -184,9 +182,7 @@ class Engine:
         """Yield the answer's text as it is produced (never half a UTF-8 character). Closing the
         iterator early cancels the request."""
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
-        events: queue.Queue[Event] = queue.Queue()
-        request = self._prepare(messages, images, max_new_tokens, params, events.put)
-        self._submit(request)
+        request, events = self._start(messages, images, max_new_tokens, params)
         decoder = StreamDecoder(self.processor.tokenizer)
         for token in self._tokens(request, events):
             piece = decoder.push(token)
@@ -249,6 +245,19 @@ class Engine:
         if self.prefix_cache is not None:
             request.keys = PromptKeys.of(inputs, self._cache_identity)
         return request
+
+    def _start(
+        self,
+        messages: Sequence[dict[str, Any]],
+        images: Sequence[Image.Image],
+        max_new_tokens: int,
+        params: SamplingParams,
+    ) -> tuple[Request, queue.Queue[Event]]:
+        """Prepare and queue a request for a waiting thread; its events arrive on the queue."""
+        events: queue.Queue[Event] = queue.Queue()
+        request = self._prepare(messages, images, max_new_tokens, params, events.put)
+        self._submit(request)
+        return request, events
 
     def _submit(self, request: Request) -> None:
         if request.max_new_tokens == 0:
