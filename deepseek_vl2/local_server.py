@@ -53,8 +53,8 @@ class LocalCogServer:
             "PORT": str(self.port),
             **(extra_env or {}),
         }
-        # A server started by hand ignores @cog.concurrent; its limit is this variable. Default:
-        # as many predictions as the engine batches (predict.MAX_CONCURRENCY).
+        # A server started by hand ignores @cog.concurrent; its limit is this variable, and the
+        # engine batches as many requests. Default: DEEPSEEK_VL2_MAX_BATCH, else 4 on the CPU.
         if not self._env.get(CONCURRENCY_ENV):
             self._env[CONCURRENCY_ENV] = str(planned_max_batch(torch.cuda.is_available(), self._env))
         self._log = tempfile.NamedTemporaryFile(prefix="cog-server-", suffix=".log", delete=False)

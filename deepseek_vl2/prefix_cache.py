@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import tiles_per_image
+from .model import tile_ranges
 from .processor import ProcessorOutput
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,11 @@ def image_digests(inputs: ProcessorOutput) -> list[str]:
     """A digest per image of its grid and its tiles' pixel values."""
     crops = inputs.images_spatial_crop[0].tolist()
     tiles = inputs.pixel_values[0]
-    digests, offset = [], 0
-    for (columns, rows), count in zip(crops, tiles_per_image(crops)):
+    digests = []
+    for (columns, rows), image_tiles in zip(crops, tile_ranges(crops)):
         digest = hashlib.blake2b(f"{columns}x{rows}:".encode(), digest_size=16)
-        digest.update(tiles[offset : offset + count].contiguous().numpy().tobytes())
+        digest.update(tiles[image_tiles].contiguous().numpy().tobytes())
         digests.append(digest.hexdigest())
-        offset += count
     return digests
 
 
