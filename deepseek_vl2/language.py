@@ -180,8 +180,11 @@ class MultiHeadLatentAttention(nn.Module):
             latent = ctx.write(self.latent_cache, latent)
             k_pe = ctx.write(self.rope_key_cache, k_pe)
 
-        if t == 1:
-            out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, ctx.mask)
+        # Decode absorbs: it reads only the small latent cache. In bf16 a prefill absorbs too: that
+        # is the official model's order of products and roundings, whereas expanding rounds the
+        # up-projected keys and values, which tips router near-ties (measured on the fixtures).
+        if t == 1 or x.dtype != torch.float32:
+            out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, ctx.mask, causal=ctx.mask is None)
         else:
             out = self._attend_expanded(q_nope, q_pe, latent, k_pe, ctx.mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim))
@@ -195,11 +198,12 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         return self.execution.attention(q, k, v, mask, causal=mask is None, scale=self.scale)
 
-    def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask, causal: bool = False) -> torch.Tensor:
         """Fold W_UK into the query and W_UV into the output, attending over the latent directly.
 
         Per decoded token this reads rank + rope values per cached position instead of
-        heads * (nope + v), which is the whole point of MLA.
+        heads * (nope + v), which is the whole point of MLA. Without a mask, `causal` masks each
+        query's later positions (a prefill without cache).
         """
         dtype = q_nope.dtype
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
@@ -208,8 +212,11 @@ class MultiHeadLatentAttention(nn.Module):
             latent, k_pe = upcast(latent, slot=1), upcast(k_pe, slot=2)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
-        scores = q_latent @ latent[:, None].transpose(-1, -2) + q_pe @ k_pe[:, None].transpose(-1, -2)
-        scores = scores.float() * self.scale
+        scores = q_pe @ k_pe[:, None].transpose(-1, -2) + q_latent @ latent[:, None].transpose(-1, -2)
+        scores = (scores * self.scale).float()
+        if causal:
+            t, s = scores.shape[-2:]
+            mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(latent.dtype)
