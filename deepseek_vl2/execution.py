@@ -1,19 +1,25 @@
-"""How the model's products run on its device: one explicit setting per model, chosen from the
-device and the weights' dtype, so that every device-specific branch can be forced and tested on
-the CPU.
+"""How the model's products run on its device: one explicit setting per model, so that every
+device-specific branch can be forced and tested on the CPU.
 
-The choices, and the measurements behind them (2-core AVX2 CPU without bf16 units, torch 2.13):
-- A product with a few rows (batched decode) is fastest on the CPU in fp32 as `W @ x^T`: MKL then
-  streams the weight once for all rows (129280x1280 head: 1 row 39 ms, 4 rows 34 ms), whereas
-  `x @ W^T` repacks the weight (4 rows 129 ms).
-- bf16 products stream a matrix-vector product twice as fast as fp32 (half the bytes) but run
-  matrix-matrix products about 8x slower, with no amortisation over rows. With bf16 weights on
-  the CPU, products of many rows (vision tower, prefill chunks) are therefore computed in fp32
-  from the bf16 weights, one weight at a time, and rounded back to bf16.
-- Attention with bf16 values on the CPU runs over fp32 copies (`fp32_attention`): 1.3-1.6x faster
-  than the bf16 kernels at 1824 cached tokens.
-- Experts: on CUDA the decode step is captured in a CUDA graph, which forbids the host sync of the
-  grouped path, so few tokens use a sync-free path (`Experts` picks gathered or dense by cost).
+On a GPU the setting is fixed (sync-free experts for the captured decode step). On the CPU the
+fastest way to run a product depends on the processor, by large factors, so three choices are made
+per machine (`choose_execution`: calibrated by timing the model's own shapes, see calibration.py,
+or forced with DEEPSEEK_VL2_EXECUTION):
+
+- `many`: products of at least MANY_ROWS rows (vision tower, prefill chunks) with bf16 weights run
+  `native`ly in bf16, or are `upcast`: computed in fp32 from the bf16 weights, converted one weight
+  at a time into a reused buffer, and rounded back. CPUs with bf16 units (avx512_bf16, AMX) run the
+  native product 2-8x faster than fp32; without them (AVX2) it is about 8x slower.
+- `few`: products of 2..MANY_ROWS-1 rows (batched decode) run `plain` as `x @ W^T`, or `transposed`
+  as `W @ x^T`, which some BLAS kernels stream once for all rows instead of repacking the weight
+  (fp32 on an AVX2 CPU, 129280x1280 head: 4 rows 34 ms against 129 ms).
+- `attention`: with bf16 values, attention runs `native`ly or over `fp32` copies (faster where the
+  CPU's bf16 attention kernels are slow: 2.5-4x on an AVX2 CPU without bf16 units). Native
+  attention goes only with native products: beside fp32 products it leaves the official bf16
+  bounds on two fixture cases, and a CPU whose bf16 products are slow has slow bf16 attention too.
+
+Experts: on CUDA the decode step is captured in a CUDA graph, which forbids the host sync of the
+grouped path, so few tokens use a sync-free path (`Experts` picks gathered or dense by cost).
 """
 
 from __future__ import annotations
@@ -24,6 +30,70 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+EXECUTION_ENV = "DEEPSEEK_VL2_EXECUTION"
+
+# Products of at least this many rows are "many-row" (compute-bound); 2 up to it "few-row".
+MANY_ROWS = 16
+
+# Each CPU choice and its options, the first being the baseline: what the CPU did before choices
+# were made per machine, kept unless a measurement shows another option clearly faster.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "many": ("upcast", "native"),
+    "few": ("plain", "transposed"),
+    "attention": ("fp32", "native"),
+}
+# fp32 weights have nothing to upcast; their few-row products were transposed before.
+FP32_BASELINE = {"many": "native", "few": "transposed", "attention": "native"}
+PRESETS: dict[str, dict[str, str]] = {
+    "upcast": {"many": "upcast", "attention": "fp32"},  # the CPU's bf16 mode as first tuned (AVX2)
+    "native": {"many": "native", "attention": "native"},  # for CPUs with bf16 units
+}
+
+
+def baseline_choices(dtype: torch.dtype) -> dict[str, str]:
+    if dtype == torch.float32:
+        return dict(FP32_BASELINE)
+    return {name: options[0] for name, options in CHOICES.items()}
+
+
+def parse_choices(spec: str, dtype: torch.dtype) -> dict[str, str] | None:
+    """A forced choice: a preset name (`upcast`, `native`) or `many=...,few=...,attention=...`
+    (unnamed ones keep the baseline); None for `auto`. Raises ValueError naming the setting."""
+    spec = spec.strip().lower() or "auto"
+    if spec == "auto":
+        return None
+    choices = baseline_choices(dtype)
+    if spec in PRESETS:
+        return choices | PRESETS[spec]
+    for part in spec.split(","):
+        name, _, option = (piece.strip() for piece in part.partition("="))
+        if option not in CHOICES.get(name, ()):
+            raise ValueError(
+                f"{EXECUTION_ENV} must be auto, {', '.join(PRESETS)} or a list such as "
+                f"'many=native,few=transposed,attention=native' with "
+                + "; ".join(f"{n} one of {'/'.join(o)}" for n, o in CHOICES.items())
+                + f"; got {spec!r}"
+            )
+        choices[name] = option
+    if choices not in valid_choices():
+        raise ValueError(
+            f"{EXECUTION_ENV}: attention=native needs many=native (fp32 products with bf16 "
+            f"attention leave the official bf16 bounds on two fixture cases); got {spec!r}"
+        )
+    return choices
+
+
+def valid_choices() -> list[dict[str, str]]:
+    """Every combination of options that can be chosen or forced."""
+    combinations: list[dict[str, str]] = [{}]
+    for name, options in CHOICES.items():
+        combinations = [c | {name: option} for c in combinations for option in options]
+    return [c for c in combinations if not (c["many"] == "upcast" and c["attention"] == "native")]
+
+
+def describe(choices: dict[str, str]) -> str:
+    return ",".join(f"{name}={choices[name]}" for name in CHOICES)
 
 
 @dataclass(frozen=True)
@@ -37,19 +107,26 @@ class Execution:
     # With low-precision weights, products of at least this many rows compute in fp32 (0: never).
     upcast_min_rows: int = 0
     # Attention over fp32 copies of low-precision queries, keys and values, the output rounded
-    # back: the CPU's bf16 attention is 2.5-4x slower than its fp32 (decode over 1824 cached
-    # tokens: 3.2-4.9 ms a layer against 1.25 ms). It also keeps MLA's latent-space output
-    # unrounded until the value projection, where the reference rounds the attention output once.
-    # Not on CUDA, where copying the cache every step would cost more than it saves.
+    # back. It also keeps MLA's latent-space output unrounded until the value projection, where the
+    # reference rounds the attention output once. Not on CUDA, where copying the cache every step
+    # would cost more than it saves.
     fp32_attention: bool = False
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype) -> Execution:
+        """The setting before any choice is made: the GPU's, or the CPU's baseline."""
         if device.type == "cuda":
             return cls(sync_free_expert_tokens=64)
-        if dtype == torch.float32:
-            return cls(transposed_max_rows=16)
-        return cls(upcast_min_rows=16, fp32_attention=True)
+        return cls.from_choices(baseline_choices(dtype))
+
+    @classmethod
+    def from_choices(cls, choices: dict[str, str]) -> Execution:
+        """The CPU setting that makes these choices (see the module's summary)."""
+        return cls(
+            transposed_max_rows=MANY_ROWS - 1 if choices["few"] == "transposed" else 0,
+            upcast_min_rows=MANY_ROWS if choices["many"] == "upcast" else 0,
+            fp32_attention=choices["attention"] == "fp32",
+        )
 
     def __post_init__(self) -> None:
         if self.sync_free_experts not in ("auto", "gathered", "dense"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .calibration import Decision, choose_execution
 from .checkpoint import checkpoint_identity, expected_internal_params, load_checkpoint
 from .config import DeepseekVL2Config
 from .execution import Execution
@@ -31,6 +32,9 @@ class DeepseekVL2(nn.Module):
         self.language = LanguageModel(config.language)
         # What the weights are, for cache keys: a checkpoint's digest once loaded from disk.
         self.weights_id = uuid.uuid4().hex
+        # How products run: the device's baseline until choose_execution decides for this machine.
+        self.execution = Execution()
+        self.execution_decision: Decision | None = None
 
     @property
     def device(self) -> torch.device:
@@ -47,15 +51,24 @@ class DeepseekVL2(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         config: DeepseekVL2Config | None = None,
+        execution: str | None = None,
     ) -> DeepseekVL2:
-        """Build on the meta device, allocate straight on `device` in `dtype`, fill from disk."""
+        """Build on the meta device, allocate straight on `device` in `dtype`, fill from disk, then
+        choose how products run (`execution`, default DEEPSEEK_VL2_EXECUTION; calibration.py)."""
         config = config or DeepseekVL2Config.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config)
         model.materialize(torch.device(device), dtype)
         load_checkpoint(model, path, config)
         model.weights_id = checkpoint_identity(path)
+        model.choose_execution(execution)
         return model.eval()
+
+    def choose_execution(self, spec: str | None = None, rows: int | None = None) -> Decision:
+        """Force (`spec`) or calibrate the execution choices for this machine and apply them."""
+        self.execution_decision = choose_execution(self, spec, rows)
+        self.set_execution(self.execution_decision.execution)
+        return self.execution_decision
 
     def set_execution(self, execution: Execution) -> None:
         """Choose how every product runs (see execution.py); every module that has a choice

@@ -14,7 +14,12 @@ second reuses the first's image prefix from the prefix cache.
 
 Usage: python scripts/benchmark.py [--variant tiny|small|base] [--device cpu|cuda]
        [--dtype float32|bfloat16] [--concurrency 1,2,4,8] [--text-only] [--new-tokens 64]
-       [--json PATH] [--repeat-image]
+       [--json PATH] [--repeat-image] [--execution auto|upcast|native|many=...,few=...,attention=...]
+
+--execution says how the CPU runs its products (deepseek_vl2/execution.py): `auto` (the default)
+calibrates on this machine, any other value forces that choice. The JSON report gains "execution"
+(the resolved choice and the timings behind it) and "stages" (vision, prefill and time to first
+token of the first level's first request).
 """
 
 from __future__ import annotations
@@ -213,6 +218,7 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None)
     parser.add_argument("--compile", choices=["on", "off"], default=None, help="compiled decode (default: on for CUDA)")
     parser.add_argument("--json", type=Path, default=None, help="write the levels as JSON here")
+    parser.add_argument("--execution", default="auto", help="auto (calibrate), upcast, native, or many=...,few=...,attention=...")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -227,6 +233,8 @@ def main() -> None:
     started = time.perf_counter()
     model = random_model(config, device, dtype)
     print(f"  weights ready in {time.perf_counter() - started:.1f} s")
+    decision = model.choose_execution(args.execution, rows=max(levels))
+    print(f"  execution ({decision.source}): {decision.summary()}")
     compile_decode = None if args.compile is None else args.compile == "on"
     # The levels send identical requests: without --repeat-image the prefix cache is off, or every
     # level after the first would measure cache hits.
@@ -287,6 +295,12 @@ def main() -> None:
             "peak_rss_gib": peak_rss_gib(),
             "peak_cuda_gib": peak_cuda,
             "levels": records,
+            "execution": decision.as_json() | {"spec": decision.spec},
+            "stages": {
+                "vision_s": single.timings.vision_s,
+                "prefill_s": single.timings.prefill_s,
+                "ttft_s": single.timings.first_token_s,
+            },
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -1,0 +1,305 @@
+"""Calibration: the CPU's execution choices (execution.py) measured on the machine that runs them.
+
+Each choice is timed on products of the model's own shapes, with the same `Execution.linear` /
+`attention` code the model runs, in a budget of about 3 s. The baseline option stays unless another
+is faster by a clear margin (MARGIN), so that timing noise cannot flip a choice back and forth
+between restarts; and the decision is remembered per CPU model, torch version, thread count, dtype
+and model shape (DEEPSEEK_VL2_EXECUTION_CACHE), so that a restarted server makes the same choice
+without measuring again, and a seeded answer does not change with the machine's mood.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .execution import CHOICES, EXECUTION_ENV, MANY_ROWS, Execution, baseline_choices, describe, parse_choices
+
+if TYPE_CHECKING:
+    from .model import DeepseekVL2
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "DEEPSEEK_VL2_EXECUTION_CACHE"
+DEFAULT_CACHE = Path.home() / ".cache" / "deepseek_vl2" / "execution.json"
+# Another option replaces the baseline only when it takes at most 1/MARGIN of its time.
+MARGIN = 1.25
+BUDGET_S = 3.0
+# Shapes of the measured products: rows of a compute-bound product (a share of a vision batch or a
+# prefill chunk), rows an expert gets in a prefill chunk, and the cached tokens decode attends over.
+MANY_ROWS_MEASURED = 256
+EXPERT_ROWS_MEASURED = 64
+DECODE_CONTEXT = 2048
+PREFILL_QUERIES = 256
+
+
+@dataclass
+class Decision:
+    """What was chosen and why, for the setup log and the benchmark's report."""
+
+    choices: dict[str, str]
+    source: str  # "calibrated", "remembered", "forced", "gpu" or "fixed" (fp32 weights, no choice)
+    timings_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # choice -> option -> ms
+    seconds: float = 0.0
+    execution: Execution = field(default_factory=Execution)  # the setting these choices make
+
+    def as_json(self) -> dict[str, Any]:
+        return {"choices": self.choices, "source": self.source, "timings_ms": self.timings_ms}
+
+    @property
+    def spec(self) -> str:
+        """The choices as DEEPSEEK_VL2_EXECUTION would force them."""
+        return describe(self.choices) if self.choices else self.source
+
+    def summary(self) -> str:
+        parts = []
+        for name, option in self.choices.items():
+            times = self.timings_ms.get(name)
+            measured = ", ".join(f"{o} {ms:.1f} ms" for o, ms in times.items()) if times else ""
+            parts.append(f"{name}={option}" + (f" ({measured})" if measured else ""))
+        return "; ".join(parts)
+
+
+def _interleaved_ms(runs: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
+    """Each option's best time in milliseconds, the options taking turns so that a busy moment of
+    the machine spoils one round of every option rather than all rounds of one."""
+    for run in runs.values():
+        run()  # first call: kernel selection, buffer growth
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for option, run in runs.items():
+            started = time.perf_counter()
+            run()
+            best[option] = min(best[option], (time.perf_counter() - started) * 1000)
+    return best
+
+
+def _weight(model_weight: object, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The model's own weight of this product when it is a plain tensor (no copy, no memory), else
+    (e.g. quantized) a random one of its shape."""
+    if isinstance(model_weight, torch.Tensor) and model_weight.dtype == dtype and tuple(model_weight.shape) == shape:
+        return model_weight
+    return (torch.randn(shape) * shape[1] ** -0.5).to(dtype)
+
+
+def _products(model: DeepseekVL2, few_rows: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, weight) pairs of the model's own shapes: with `few_rows`, a decode step's output head, an
+    expert and an attention projection; else a vision batch's MLP product, a prefill chunk's
+    attention projection and an expert's share of the chunk."""
+    c, v, dtype = model.config.language, model.config.vision, model.dtype
+    layer = model.language.model.layers[-1]
+    d = c.hidden_size
+    projection = _weight(layer.self_attn.o_proj.weight, (d, layer.self_attn.o_proj.in_features), dtype)
+    if c.n_routed_experts and hasattr(layer.mlp, "experts"):
+        expert = _weight(layer.mlp.experts.w_gate_up[0], (2 * c.moe_intermediate_size, d), dtype)
+    else:
+        expert = _weight(getattr(getattr(layer.mlp, "gate_up", None), "weight", None), (2 * c.intermediate_size, d), dtype)
+    if few_rows is not None:
+        head = _weight(model.language.lm_head.weight, (c.vocab_size, d), dtype)
+        return [(torch.randn(few_rows, w.shape[1]).to(dtype), w) for w in (head, expert, projection)]
+    fc1 = _weight(model.vision.blocks[0].mlp.fc1.weight, (v.mlp_hidden, v.width), dtype)
+    return [
+        (torch.randn(MANY_ROWS_MEASURED, v.width).to(dtype), fc1),
+        (torch.randn(MANY_ROWS_MEASURED, projection.shape[1]).to(dtype), projection),
+        (torch.randn(EXPERT_ROWS_MEASURED, d).to(dtype), expert),
+    ]
+
+
+def _options(choices: dict[str, str], name: str) -> dict[str, Execution]:
+    return {option: Execution.from_choices(choices | {name: option}) for option in CHOICES[name]}
+
+
+def _measure_products(model: DeepseekVL2, choices: dict[str, str], name: str, few_rows: int | None) -> dict[str, float]:
+    products = _products(model, few_rows)
+
+    def runner(execution: Execution) -> Callable[[], None]:
+        return lambda: [execution.linear(x, w) for x, w in products]
+
+    return _interleaved_ms({option: runner(e) for option, e in _options(choices, name).items()})
+
+
+def _measure_attention(model: DeepseekVL2, choices: dict[str, str], rows: int) -> dict[str, float]:
+    """A decode step's attention over DECODE_CONTEXT cached tokens for `rows` rows, plus one
+    prefill chunk's, through the model's own first attention layer."""
+    attention = model.language.model.layers[0].self_attn
+    make = _mla_attention if model.config.language.use_mla else _mha_attention
+    runs = {option: make(attention, execution, rows, model.dtype) for option, execution in _options(choices, "attention").items()}
+    return _interleaved_ms(runs)
+
+
+def _mha_attention(attention, execution: Execution, rows: int, dtype: torch.dtype) -> Callable[[], None]:
+    heads, kv_heads, dim = attention.heads, attention.kv_heads, attention.head_dim
+    # Keys and values as the cache holds them, [rows, S, kv_heads, dim], read head-major.
+    cache = torch.randn(rows, DECODE_CONTEXT, kv_heads, dim).to(dtype).transpose(1, 2)
+    q_decode = torch.randn(rows, heads, 1, dim).to(dtype)
+    q_prefill = torch.randn(1, heads, PREFILL_QUERIES, dim).to(dtype)
+    mask = torch.ones(rows, 1, 1, DECODE_CONTEXT, dtype=torch.bool)
+    prefill_mask = torch.ones(1, 1, PREFILL_QUERIES, DECODE_CONTEXT, dtype=torch.bool).tril(DECODE_CONTEXT - PREFILL_QUERIES)
+    gqa = heads != kv_heads
+    attend = execution.attention
+
+    def run() -> None:
+        attend(q_decode, cache, cache, mask, scale=attention.scale, enable_gqa=gqa)
+        attend(q_prefill, cache[:1], cache[:1], prefill_mask, scale=attention.scale, enable_gqa=gqa)
+
+    return run
+
+
+def _mla_attention(attention, execution: Execution, rows: int, dtype: torch.dtype) -> Callable[[], None]:
+    heads, nope, rope, rank = attention.heads, attention.nope, attention.rope, attention.rank
+    latent = torch.randn(rows, DECODE_CONTEXT, rank).to(dtype)
+    k_pe = torch.randn(rows, DECODE_CONTEXT, rope).to(dtype)
+    q_nope, q_pe = torch.randn(rows, heads, 1, nope).to(dtype), torch.randn(rows, heads, 1, rope).to(dtype)
+    mask = torch.ones(rows, 1, 1, DECODE_CONTEXT, dtype=torch.bool)
+
+    def run() -> None:
+        # The absorbed decode reads its choice from the module: lend it this one for the call.
+        saved, attention.execution = attention.execution, execution
+        try:
+            attention._attend_absorbed(q_nope, q_pe, latent, k_pe, mask)
+        finally:
+            attention.execution = saved
+
+    return run
+
+
+def calibrate(model: DeepseekVL2, rows: int, budget_s: float = BUDGET_S) -> Decision:
+    """Time every option of every choice that applies to the model's dtype, and keep each
+    baseline unless another option is clearly faster. Choices not reached within `budget_s` keep
+    their baseline."""
+    started = time.perf_counter()
+    choices = baseline_choices(model.dtype)
+    rows = max(2, min(rows, MANY_ROWS - 1))
+    measures: dict[str, Callable[[], dict[str, float]]] = {"few": lambda: _measure_products(model, choices, "few", rows)}
+    if model.dtype != torch.float32:  # fp32 weights: nothing to upcast, attention is fp32 already
+        measures = {
+            "many": lambda: _measure_products(model, choices, "many", None),
+            **measures,
+            "attention": lambda: _measure_attention(model, choices, rows),
+        }
+    timings: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for name, measure in measures.items():
+            if time.perf_counter() - started > budget_s:
+                log.warning("execution calibration: out of its %.1f s budget; %s keeps %s", budget_s, name, choices[name])
+                continue
+            if name == "attention" and choices["many"] != "native":
+                # bf16 attention is the faster one only where bf16 products are (bf16 units), and
+                # beside fp32 products it leaves the official bf16 bounds (parse_choices).
+                continue
+            timings[name] = measure()
+            baseline = timings[name][choices[name]]
+            best = min(timings[name], key=timings[name].__getitem__)
+            if timings[name][best] * MARGIN <= baseline:
+                choices[name] = best
+    return Decision(choices, "calibrated", timings, time.perf_counter() - started)
+
+
+def machine_key(model: DeepseekVL2, rows: int) -> str:
+    """What a remembered decision is valid for: this CPU (model and feature flags), this torch,
+    its thread count, and the model's dtype and product shapes."""
+    cpu = _cpu_description()
+    c, v = model.config.language, model.config.vision
+    shapes = (c.hidden_size, c.vocab_size, c.moe_intermediate_size, c.intermediate_size, c.use_mla, v.width, v.mlp_hidden)
+    parts = [cpu, torch.__version__, str(torch.get_num_threads()), str(model.dtype), repr(shapes), str(rows)]
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def _cpu_description() -> str:
+    """The processor's model name and feature flags (Linux /proc/cpuinfo), else what Python knows."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    model_name = fields.get("model name") or fields.get("CPU part") or platform.processor() or platform.machine()
+    flags = fields.get("flags") or fields.get("Features") or ""
+    return f"{model_name} [{hashlib.blake2b(flags.encode(), digest_size=8).hexdigest()}]"
+
+
+def cpu_name() -> str:
+    return _cpu_description().rsplit(" [", 1)[0]
+
+
+def cache_path() -> Path | None:
+    """Where decisions are remembered; None when DEEPSEEK_VL2_EXECUTION_CACHE is set empty."""
+    value = os.environ.get(CACHE_ENV)
+    if value is None:
+        return DEFAULT_CACHE
+    return Path(value).expanduser() if value.strip() else None
+
+
+def remembered(path: Path | None, key: str) -> Decision | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())[key]
+        choices = record["choices"]
+        valid = set(choices) == set(CHOICES) and all(choices[n] in CHOICES[n] for n in CHOICES)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not valid:
+        return None
+    return Decision(choices, "remembered", record.get("timings_ms", {}))
+
+
+def remember(path: Path | None, key: str, decision: Decision) -> None:
+    if path is None:
+        return
+    try:
+        records = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(records, dict):
+            records = {}
+    except (OSError, ValueError):
+        records = {}
+    records[key] = decision.as_json() | {"cpu": cpu_name(), "torch": torch.__version__}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(records, indent=1) + "\n")
+        temporary.replace(path)  # atomic: two servers starting together never read half a file
+    except OSError as error:
+        log.warning("execution calibration: could not remember the decision in %s (%s)", path, error)
+
+
+def choose_execution(model: DeepseekVL2, spec: str | None = None, rows: int | None = None) -> Decision:
+    """How the model's products will run: forced by `spec` (default: DEEPSEEK_VL2_EXECUTION),
+    or on the CPU with `auto` remembered for this machine, else calibrated and remembered. `rows`
+    is the batch a decode step will have (default: the planned batch size)."""
+    spec = os.environ.get(EXECUTION_ENV, "") if spec is None else spec
+    forced = parse_choices(spec, model.dtype)  # raises on a bad setting, on every device
+    if model.device.type == "cuda":
+        if forced is not None:
+            log.warning("%s=%s applies to the CPU only; the GPU's execution is fixed", EXECUTION_ENV, spec)
+        return Decision({}, "gpu", execution=Execution.for_device(model.device, model.dtype))
+    if forced is not None:
+        decision = Decision(forced, "forced")
+    else:
+        if rows is None:
+            from .settings import planned_max_batch  # settings imports the runner, which imports the model
+
+            rows = planned_max_batch(cuda=False)
+        path, key = cache_path(), machine_key(model, rows)
+        decision = remembered(path, key)
+        if decision is None:
+            decision = calibrate(model, rows)
+            remember(path, key, decision)
+    decision.execution = Execution.from_choices(decision.choices)
+    log.info(
+        "execution on %s (%s): %s%s", cpu_name(), decision.source, decision.summary(),
+        f"; measured in {decision.seconds:.1f} s" if decision.source == "calibrated" else "",
+    )  # fmt: skip
+    return decision
