@@ -35,6 +35,7 @@ EXECUTION_ENV = "DEEPSEEK_VL2_EXECUTION"
 
 # Products of at least this many rows are "many-row" (compute-bound); 2 up to it "few-row".
 MANY_ROWS = 16
+NATIVE_ROW_MULTIPLE = 64  # see Execution.native_row_multiple
 
 # Each CPU choice and its options, the first being the baseline: what the CPU did before choices
 # were made per machine, kept unless a measurement shows another option clearly faster.
@@ -111,6 +112,11 @@ class Execution:
     # reference rounds the attention output once. Not on CUDA, where copying the cache every step
     # would cost more than it saves.
     fp32_attention: bool = False
+    # Native low-precision products of at least MANY_ROWS rows pad their rows up to a multiple of
+    # this (0: never). oneDNN's bf16 (AMX) kernels are made per shape and slow on ragged row counts,
+    # and every expert of a prefill chunk gets its own count: padding makes them a few shapes (the
+    # seed prompt's prefill, tiny, Sapphire Rapids: 3.7-4.0 s -> 2.2-2.6 s; multiples of 16: 2.6-2.8 s).
+    native_row_multiple: int = 0
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype) -> Execution:
@@ -126,6 +132,7 @@ class Execution:
             transposed_max_rows=MANY_ROWS - 1 if choices["few"] == "transposed" else 0,
             upcast_min_rows=MANY_ROWS if choices["many"] == "upcast" else 0,
             fp32_attention=choices["attention"] == "fp32",
+            native_row_multiple=NATIVE_ROW_MULTIPLE if choices["many"] == "native" else 0,
         )
 
     def __post_init__(self) -> None:
@@ -148,8 +155,12 @@ class Execution:
             if bias is not None:
                 out = out + bias
             return out.reshape(*x.shape[:-1], weight.shape[0])
+        multiple = self.native_row_multiple
+        if multiple and rows >= MANY_ROWS and rows % multiple and weight.dtype != torch.float32:
+            flat = x.reshape(rows, -1)
+            padded = torch.cat([flat, flat.new_zeros(multiple - rows % multiple, flat.shape[1])])
+            return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
-
 
     def attention(
         self,
