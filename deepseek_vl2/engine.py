@@ -225,7 +225,9 @@ class Engine:
         notify = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
         # Prepared in a worker thread but submitted here: a task cancelled while the processor
         # runs never queues its request.
-        request = await asyncio.to_thread(self._prepare, messages, images, max_new_tokens, params, notify, progress)
+        request = await asyncio.to_thread(
+            self._prepare, messages, images, max_new_tokens, params, notify, progress
+        )
         self._submit(request)
         tokens: list[int] = []
         try:

@@ -140,7 +140,9 @@ class Request:
             raise RuntimeError(f"request {self.id}: no way from {self.stage.name} to {stage.name}")
         expected = _DATA.get(stage, type(None))
         if not isinstance(work, expected):
-            raise TypeError(f"request {self.id}: {stage.name} holds {expected.__name__}, got {type(work).__name__}")
+            raise TypeError(
+                f"request {self.id}: {stage.name} holds {expected.__name__}, got {type(work).__name__}"
+            )
         self.stage, self.work = stage, work
 
     @property
@@ -177,7 +179,7 @@ class Request:
         try:
             self.on_progress(stage, done, total)
         except Exception:
-            log.warning("request %d: progress callback failed; no more progress reports", self.id, exc_info=True)
+            log.warning("request %d: progress callback failed; no more reports", self.id, exc_info=True)
             self.on_progress = None
 
     def emit(self, event: Event) -> None:

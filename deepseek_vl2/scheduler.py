@@ -231,21 +231,24 @@ class Scheduler:
         images' spans are offered to the prefix cache."""
         encoding, spans = request.encoding, dict(request.encoding.spans)
         if encoding.images:
-            features = torch.cat(encoding.features)
-            for image, span in zip(encoding.images, self.runner.image_spans(request.inputs, encoding.images, features)):
+            encoded = self.runner.image_spans(request.inputs, encoding.images, torch.cat(encoding.features))
+            for image, span in zip(encoding.images, encoded):
                 spans[image] = span
                 if self.prefix_cache is not None and request.keys is not None:
                     self.prefix_cache.put(request.keys.images[image], [span], span.shape[0])
         ordered = [spans[image] for image in sorted(spans)]
-        return Prefill(self.runner.prompt_embeds(request.inputs, request.prefilled, ordered), request.prefilled)
+        embeds = self.runner.prompt_embeds(request.inputs, request.prefilled, ordered)
+        return Prefill(embeds, start=request.prefilled)
 
     def _prefill_chunk(self, request: Request) -> None:
         """Write the next chunk of the prompt into the row; after the last, sample the first
         token and move the request into the batch (or finish it)."""
         prefill, started = request.prefill, time.perf_counter()
         start = request.prefilled
-        end = min(start + (self.prefill_chunk_size if self.running else request.prompt_len), request.prompt_len)
-        hidden = self.runner.prefill(request.row, prefill.embeds[start - prefill.start : end - prefill.start], start)
+        budget = self.prefill_chunk_size if self.running else request.prompt_len
+        end = min(start + budget, request.prompt_len)
+        chunk = prefill.embeds[start - prefill.start : end - prefill.start]
+        hidden = self.runner.prefill(request.row, chunk, start)
         request.prefilled = end
         self._report(request, "prefill", end, request.prompt_len, end - start, "tokens")
         if end < request.prompt_len:

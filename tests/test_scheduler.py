@@ -261,7 +261,9 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("prefix_cache_bytes", [0, 2**30], ids=["prefix-cache-off", "prefix-cache-on"])
-def test_a_new_image_prompt_longer_than_a_chunk_arriving_mid_decode_is_answered(prefix_cache_bytes, one_torch_thread):
+def test_a_new_image_prompt_longer_than_a_chunk_arriving_mid_decode_is_answered(
+    prefix_cache_bytes, one_torch_thread
+):
     """Issue 14: the image request was prefilled chunk by chunk while another answer decoded, and
     its second chunk read the tiles the end of its vision stage had dropped. Cold path: nothing
     was asked before, so its image goes through the vision tower."""
@@ -308,9 +310,10 @@ def test_progress_reports_each_vision_batch_and_prefill_chunk(alone):
         raise RuntimeError("the progress bar is gone")
 
     with Engine.from_pretrained(CHECKPOINTS / "tiny-mla-noaux", prefix_cache_bytes=0) as engine:
-        reported = engine.generate(*conversation(case(job.key)), **job.options, progress=lambda *r: reports.append(r))
+        messages, images = conversation(case(job.key))
+        reported = engine.generate(messages, images, **job.options, progress=lambda *r: reports.append(r))
         # A callback that fails is dropped after its first call; the answer still comes.
-        unreported = engine.generate(*conversation(case(job.key)), **job.options, progress=broken)
+        unreported = engine.generate(messages, images, **job.options, progress=broken)
     tiles = case(job.key)["n_tiles"]
     assert reports == [("vision", tiles, tiles), ("prefill", 2047, 2047)]
     assert calls == ["vision"]
