@@ -54,7 +54,7 @@ class Job:
         if self.variant == "flipped":
             images = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
         if self.pad_words:
-            messages[-2]["content"] += PAD_WORD * self.pad_words  # the last question (an empty answer follows)
+            messages[-2]["content"] += PAD_WORD * self.pad_words  # the last question, before the answer
         return messages, images
 
 
@@ -80,7 +80,8 @@ class Run:
     def describe(self) -> str:
         lines = [
             f"seed {self.seed}: {self.checkpoint}, max_batch {self.max_batch}, prefill chunks "
-            f"{self.prefill_chunk_size}, vision batches {self.vision_chunk_tiles}, prefix cache {self.cache_mode}"
+            f"{self.prefill_chunk_size}, vision batches {self.vision_chunk_tiles}, "
+            f"prefix cache {self.cache_mode}"
         ]
         for i, a in enumerate(self.arrivals):
             when = f"after #{a.after} leaves the queue" if a.after is not None else f"at step {a.step}"
@@ -100,7 +101,8 @@ def loaded(checkpoint: str, role: str) -> tuple[DeepseekVL2, Processor]:
     """One model per checkpoint and role: the explored engines share "explore", the solo runs
     "oracle", so that building an engine for one never reallocates the other's cache."""
     path = CHECKPOINTS / checkpoint
-    return DeepseekVL2.from_pretrained(path, device="cpu", dtype=torch.float32), Processor.from_pretrained(path)
+    model = DeepseekVL2.from_pretrained(path, device="cpu", dtype=torch.float32)
+    return model, Processor.from_pretrained(path)
 
 
 def drain(scheduler: Scheduler) -> None:
@@ -128,14 +130,20 @@ def padding_rate(checkpoint: str, case_name: str) -> tuple[int, int]:
     """(prompt tokens unpadded, tokens per padding word) of a case."""
     _, processor = loaded(checkpoint, "explore")
     base = Job(checkpoint, case_name, "as-is", 1, SamplingParams())
-    lengths = [processor(*replace(base, pad_words=words).conversation()).input_ids.shape[1] for words in (0, 100)]
+    lengths = [
+        processor(*replace(base, pad_words=words).conversation()).input_ids.shape[1] for words in (0, 100)
+    ]
     return lengths[0], (lengths[1] - lengths[0]) // 100
 
 
 # ---- drawing a run ----------------------------------------------------------------------------
 
 
-def draw_sampling(rng: random.Random, checkpoint: str, case_name: str, greedy_allowed: bool) -> tuple[SamplingParams, int | None]:
+def draw_sampling(
+    rng: random.Random, checkpoint: str, case_name: str, greedy_allowed: bool
+) -> tuple[SamplingParams, int | None]:
+    """Greedy (only for the fixture's own prompts, whose robust prefix is known) or seeded
+    sampling with its own controls; and the tokens that must match."""
     if greedy_allowed and rng.random() < 0.4:
         run = rng.choice(case(f"{checkpoint}/{case_name}")["generation"])
         return SamplingParams(repetition_penalty=run["repetition_penalty"]), run["robust_prefix_len"]
@@ -168,7 +176,9 @@ def draw_job(rng: random.Random, checkpoint: str, context: int, earlier: list[Jo
     if image_jobs and roll < 0.35:
         base = rng.choice(image_jobs)
         case_name = base.case
-        variant = base.variant if rng.random() < 0.6 else ("flipped" if base.variant == "as-is" else "as-is")
+        # Half of them flip the pixels under the same text: a prefix cache keyed on the tokens
+        # alone would serve them the other image's prefix.
+        variant = base.variant if rng.random() < 0.5 else ("flipped" if base.variant == "as-is" else "as-is")
     else:
         case_name = rng.choices(list(CASES), weights=list(CASES.values()))[0]
         variant = "flipped" if case_name != "m_text" and rng.random() < 0.25 else "as-is"
@@ -178,7 +188,8 @@ def draw_job(rng: random.Random, checkpoint: str, context: int, earlier: list[Jo
         base_len, per_word = padding_rate(checkpoint, case_name)
         pad_words = (context - rng.randint(1, 40) - base_len) // per_word
         max_new_tokens = rng.randint(1, 64)
-    params, robust = draw_sampling(rng, checkpoint, case_name, greedy_allowed=variant == "as-is" and not pad_words)
+    greedy_allowed = variant == "as-is" and not pad_words
+    params, robust = draw_sampling(rng, checkpoint, case_name, greedy_allowed)
     return Job(checkpoint, case_name, variant, max_new_tokens, params, pad_words, robust)
 
 
@@ -199,7 +210,8 @@ def draw_run(seed: int) -> Run:
     return Run(
         seed, checkpoint, max_batch=rng.randint(1, 4),
         prefill_chunk_size=rng.choice([rng.randint(16, 64), rng.randint(65, 600)]),
-        vision_chunk_tiles=rng.randint(1, 3), cache_mode=rng.choice(["off", "tiny", "large"]), arrivals=arrivals,
+        vision_chunk_tiles=rng.randint(1, 3), cache_mode=rng.choice(["off", "tiny", "large"]),
+        arrivals=arrivals,
     )  # fmt: skip
 
 
@@ -326,8 +338,7 @@ def cancel_due(t: Tracked) -> bool:
         return False
     if a.cancel_at == "finishing":  # on the step that would give its last token
         return r.stage is Stage.DECODING and len(r.tokens) == r.max_new_tokens - 1
-    wanted = {"queued": Stage.QUEUED, "encoding": Stage.ENCODING, "prefilling": Stage.PREFILLING, "decoding": Stage.DECODING}
-    return r.stage is wanted[a.cancel_at] and t.stage_steps >= a.cancel_wait
+    return r.stage is Stage[a.cancel_at.upper()] and t.stage_steps >= a.cancel_wait
 
 
 def check_invariants(scheduler: Scheduler, tracked: list[Tracked], cache: AuditedPrefixCache | None) -> None:
@@ -339,14 +350,14 @@ def check_invariants(scheduler: Scheduler, tracked: list[Tracked], cache: Audite
     assert len({id(r) for r in places}) == len(places), "a request is in two places"
     if admitting is not None:
         assert admitting.stage in (Stage.ENCODING, Stage.PREFILLING)
-        assert len(running) <= admitting.row < scheduler.runner.max_batch, "the admitted request needs its own row"
+        assert len(running) <= admitting.row < scheduler.runner.max_batch, "the admitted request has no row of its own"
     for t in tracked:
         if t.request is None:
             continue
         ends = [i for i, e in enumerate(t.events) if not isinstance(e, int)]
         assert ends in ([], [len(t.events) - 1]), f"request {t.request.id}: events after its end: {t.events}"
         inside = sum(r is t.request for r in places)
-        assert inside == (0 if t.ended else 1), f"request {t.request.id} ({t.request.stage}) is in {inside} places"
+        assert inside == (0 if t.ended else 1), f"request {t.request.id}, {t.request.stage}, is in {inside} places"
         assert t.ended == (t.request.stage is Stage.FINISHED)
     if cache is not None:
         assert cache.used_bytes <= cache.budget_bytes, "the prefix cache is over its budget"
