@@ -8,8 +8,10 @@ disconnect mid-answer, and a few bad inputs (a corrupt image, a prompt longer th
 It checks that every success has the text the same request gets alone in this process (prefix cache
 off), that only the bad inputs fail and each with its own message, that 409 comes only for requests
 beyond the concurrency, that the server is READY at the end, and that the worker's resident memory
-grows by less than 5% from after the warm-up waves to the end. It prints one summary line and exits 1
-on any failure. Every wait is bounded; the whole run takes a few minutes on two CPU cores.
+grows by less than 5% over the 100 predictions, after a warm-up of the heaviest waves and 100
+predictions of the same mix (the heap's high-water mark takes that long to settle: glibc keeps
+freed blocks). It prints one summary line and exits 1 on any failure. Every wait is bounded; the
+whole run takes a few minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ CHECKPOINT = FIXTURES / "checkpoints" / "tiny-mla"
 CONCURRENCY = 8
 PREDICTIONS = 100
 RSS_GROWTH_LIMIT = 0.05
-WARM_UP_WAVES = 2
+WARM_UP_ROUNDS = 3  # memory use climbs over about three rounds of the same heavy waves, then stays
 WAIT_S = 300.0  # the most any one prediction or settling may take
 QUESTIONS = ["Describe this image.", "What is in the picture?", "Which colours dominate?", "Count the objects."]
 BASE_IMAGES = ["vqa_1.jpg", "multi_image_1.jpeg", "multi_image_2.jpeg", "visual_grounding_1.jpeg"]
@@ -70,23 +72,26 @@ def png_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def make_images(folder: Path, rng: random.Random) -> tuple[list[str], list[str]]:
-    """The fixture images as PNGs (repeated across the run), and new images made from them
-    (flipped, rotated, cropped), each used for the first time somewhere in the run."""
-    repeated, new = [], []
+def make_images(folder: Path, rng: random.Random) -> tuple[list[str], list[str], list[str]]:
+    """The fixture images as PNGs (repeated across the run), and two sets of new images made from
+    them (flipped, rotated, cropped): one for the warm-up, one the measured waves see first."""
+    repeated, new, warm_up_new = [], [], []
     for name in BASE_IMAGES:
         image = Image.open(FIXTURES / "images" / name).convert("RGB")
         image.save(folder / f"{name}.png")
         repeated.append(f"{name}.png")
-        for index in range(3):
-            variant = [
-                image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
-                image.rotate(rng.choice([90, 180, 270]), expand=True),
-                image.crop((0, 0, image.width * 3 // 4, image.height * 3 // 4)),
-            ][index]
+        variants = [
+            image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+            image.rotate(rng.choice([90, 270]), expand=True),
+            image.crop((0, 0, image.width * 3 // 4, image.height * 3 // 4)),
+            image.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+            image.rotate(180),
+            image.crop((image.width // 3, 0, image.width, image.height)),
+        ]
+        for index, variant in enumerate(variants):
             variant.save(folder / f"{name}.{index}.png")
-            new.append(f"{name}.{index}.png")
-    return repeated, new
+            (new if index < 3 else warm_up_new).append(f"{name}.{index}.png")
+    return repeated, new, warm_up_new
 
 
 @dataclass
@@ -130,6 +135,16 @@ def plan(rng: random.Random, repeated: list[str], new: list[str]) -> list[list[A
         waves.append(wave)
         sent += len(wave)
     return waves
+
+
+def warm_up(repeated: list[str]) -> list[list[Action]]:
+    """Rounds of the heaviest waves: as many prompts as the server admits, each two tiled images
+    or a prompt too long for the context, and cancelled and abandoned answers."""
+    pairs = [(repeated[0], repeated[1]), (repeated[2], repeated[3])]
+    asks = [Action("ask", Ask(pairs[i % 2], QUESTIONS[0], i % 3, 8)) for i in range(CONCURRENCY)]
+    oversized = [Action("oversized") for _ in range(CONCURRENCY)]
+    dropped = [Action(kind, delay_s=1.0) for kind in ("cancel", "disconnect") for _ in range(CONCURRENCY // 2)]
+    return [asks, oversized, dropped] * WARM_UP_ROUNDS
 
 
 # A question that runs for thousands of tokens unless cancelled.
@@ -262,9 +277,12 @@ def main() -> int:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="soak-") as directory:
         folder = Path(directory)
-        repeated, new = make_images(folder, rng)
+        repeated, new, warm_up_new = make_images(folder, rng)
+        # Warm-up: the heaviest waves, then as many predictions of the same mix on other images.
+        warm_up_waves = warm_up(repeated) + plan(random.Random(args.seed + 1), repeated, warm_up_new)
         waves = plan(rng, repeated, new)
-        solo = solo_texts({a.ask for wave in waves for a in wave if a.ask is not None}, folder)
+        asks = {a.ask for wave in waves + warm_up_waves for a in wave if a.ask is not None}
+        solo = solo_texts(asks, folder)
         environment = {
             "DEEPSEEK_VL2_WEIGHTS": str(CHECKPOINT),
             "COG_MAX_CONCURRENCY": str(CONCURRENCY),
@@ -273,16 +291,18 @@ def main() -> int:
         }
         with LocalCogServer(environment) as server:
             soak = Soak(server, folder, repeated, solo)
+            for wave in warm_up_waves:
+                soak.run_wave(wave)
+            soak.counts.clear()  # the summary counts the measured predictions only
             rss = []
             for wave in waves:
                 soak.run_wave(wave)
                 rss.append(worker_rss_bytes(server.pid))
             status = server.settled_status(WAIT_S)
             dropped = server.log_text().count("cancelled after")
-    # Warm-up: the first WARM_UP_WAVES, the second at full concurrency plus two. A reading after
-    # one wave varies by up to 10% with what the heap holds at that moment (glibc keeps freed
-    # blocks), so the medians of three readings after warm-up and of the last three are compared.
-    warm_rss, final_rss = median(rss[WARM_UP_WAVES : WARM_UP_WAVES + 3]), median(rss[-3:])
+    # A reading after one wave varies by a few percent with what the heap holds at that moment,
+    # so the medians of the first three and the last three are compared.
+    warm_rss, final_rss = median(rss[:3]), median(rss[-3:])
     growth = final_rss / warm_rss - 1
     if growth >= RSS_GROWTH_LIMIT:
         soak.problem(f"worker RSS grew {growth:.1%} after warm-up")
@@ -292,7 +312,8 @@ def main() -> int:
     outcomes = ", ".join(f"{n} {name}" for name, n in sorted(soak.counts.items()))
     print(
         f"soak {'PASSED' if not soak.problems else 'FAILED'}: {sent} predictions in {len(waves)} waves "
-        f"(concurrency {CONCURRENCY}): {outcomes}; {dropped} dropped by the engine mid-answer; every success had its solo text: "
+        f"(concurrency {CONCURRENCY}) after {len(warm_up_waves)} warm-up waves: {outcomes}; {dropped} "
+        f"dropped by the engine mid-answer (warm-up included); every success had its solo text: "
         f"{not any('alone' in p for p in soak.problems)}; worker RSS {warm_rss / 2**20:.0f} -> "
         f"{final_rss / 2**20:.0f} MiB ({growth:+.1%}); server {status}; {time.monotonic() - started:.0f} s"
     )
