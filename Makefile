@@ -7,7 +7,7 @@ VENV_STAMP := $(VENV)/.requirements-installed
 DEMO_WEIGHTS := weights/demo
 DEMO_STAMP := $(DEMO_WEIGHTS)/DEMO_RANDOM_WEIGHTS.txt
 
-.PHONY: venv test demo schema bench gpu-check
+.PHONY: venv test soak demo schema bench gpu-check
 
 venv: $(VENV_STAMP)
 
@@ -20,6 +20,13 @@ $(VENV_STAMP): requirements.txt requirements-dev.txt
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# Many more schedule seeds than CI (SEEDS=500: seeds 0-499; SEEDS=a-b or SEEDS=a,b,c to replay), then
+# the HTTP soak of the real server (scripts/soak.py). About half an hour on two CPU cores.
+SEEDS ?= 500
+soak: venv
+	SEEDS=$(SEEDS) $(PY) -m pytest -q -s tests/test_schedules.py
+	$(PY) scripts/soak.py
 
 # Random weights in the real layout: the demo's answers are noise.
 $(DEMO_STAMP): scripts/make_demo_checkpoint.py | venv

@@ -2,8 +2,10 @@
 
 `generate`, `stream` and `generate_async` may be called from any number of threads and event loops
 at once. Each call runs the processor in the caller's thread (tokenization, tiling and the context
-check fail there, before anything is queued), then hands the request to the scheduler thread, which
-batches it with the others (scheduler.py) and sends its tokens back.
+check fail there, before anything is queued), then hands the request to the scheduler thread
+(scheduler_thread.py), which batches it with the others (scheduler.py) and sends its tokens back.
+An engine built with `threaded=False` has no such thread: its owner calls `engine.scheduler.step()`
+(the deterministic schedule tests do).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from PIL import Image
 from .model import DeepseekVL2
 from .processor import Processor, ProcessorOutput
 from .prefix_cache import PrefixCache, PromptKeys, cache_budget
-from .request import Event, Request, Timings
+from .request import Event, Progress, Request, Stage, Timings
 from .runner import ModelRunner, default_max_batch, free_memory_bytes
 from .sampling import SamplingParams
 from .scheduler import Scheduler
+from .scheduler_thread import SchedulerThread
 from .settings import (
     CONCURRENCY_ENV, MAX_BATCH_ENV, PREFILL_CHUNK_ENV, PREFIX_CACHE_ENV, default_device, default_dtype,
     env_gib, env_int,
@@ -69,6 +72,7 @@ class Engine:
         vision_chunk_tiles: int | None = None,
         compile_decode: bool | None = None,
         prefix_cache_bytes: int | None = None,
+        threaded: bool = True,
     ):
         """One engine per model: it owns the model's KV cache and runs it on its own thread.
 
@@ -76,7 +80,8 @@ class Engine:
         DEEPSEEK_VL2_PREFIX_CACHE_GB, then from defaults: max_batch as many rows as the server
         admits predictions (COG_MAX_CONCURRENCY) or, unset, runner.default_max_batch, within GPU
         memory; prefill chunks of 512 tokens; decode compiled on CUDA; a prefix cache sized from the
-        memory left (prefix_cache.cache_budget; 0 turns it off).
+        memory left (prefix_cache.cache_budget; 0 turns it off). `threaded=False`: no scheduler
+        thread; the caller steps `engine.scheduler` itself.
         """
         self.model, self.processor = model, processor
         self.config = model.config
@@ -98,9 +103,10 @@ class Engine:
         self.scheduler = Scheduler(
             self.runner, self.eos_id, prefill_chunk_size, vision_chunk_tiles, self.prefix_cache
         )
+        self._thread = SchedulerThread(self.scheduler, self.runner.warm_up) if threaded else None
         # Stop the scheduler thread when the engine is dropped or the interpreter exits (a thread
         # still inside torch at exit aborts the process).
-        self._stop_scheduler = weakref.finalize(self, self.scheduler.close)
+        self._stop_scheduler = weakref.finalize(self, (self._thread or self.scheduler).close)
         log.info(
             "engine ready: batch up to %d, prefill chunks of %d tokens and vision batches of %d "
             "tiles while answers run, decode %s, prefix cache %.2f GiB",
@@ -140,7 +146,7 @@ class Engine:
         return cls(model, processor, **kwargs)
 
     def close(self) -> None:
-        """Stop the scheduler thread; unfinished requests fail with EngineClosed."""
+        """Stop the scheduler (thread); unfinished requests fail with EngineClosed."""
         self._stop_scheduler()
 
     def __enter__(self) -> Engine:
@@ -162,9 +168,13 @@ class Engine:
         top_k: int = 50,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        progress: Progress | None = None,
     ) -> GenerationResult:
+        """The whole answer. `progress(stage, done, total)` is called from the scheduler thread
+        after each vision batch ("vision", tiles) and each prefill chunk ("prefill", prompt
+        tokens); it must be quick."""
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
-        request, events = self._start(messages, images, max_new_tokens, params)
+        request, events = self._start(messages, images, max_new_tokens, params, progress)
         return self._result(request, list(self._tokens(request, events)))
 
     def stream(
@@ -178,11 +188,12 @@ class Engine:
         top_k: int = 50,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        progress: Progress | None = None,
     ) -> Iterator[str]:
         """Yield the answer's text as it is produced (never half a UTF-8 character). Closing the
-        iterator early cancels the request."""
+        iterator early cancels the request. `progress` as for `generate`."""
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
-        request, events = self._start(messages, images, max_new_tokens, params)
+        request, events = self._start(messages, images, max_new_tokens, params, progress)
         decoder = StreamDecoder(self.processor.tokenizer)
         for token in self._tokens(request, events):
             piece = decoder.push(token)
@@ -203,16 +214,20 @@ class Engine:
         top_k: int = 50,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        progress: Progress | None = None,
     ) -> GenerationResult:
         """`generate` for an event loop: never blocks it; cancelling the awaiting task cancels
-        the request, which leaves the batch at the scheduler's next step."""
+        the request, which leaves the batch at the scheduler's next step. `progress` as for
+        `generate` (called from the scheduler thread, not the event loop)."""
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty, seed)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         notify = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
         # Prepared in a worker thread but submitted here: a task cancelled while the processor
         # runs never queues its request.
-        request = await asyncio.to_thread(self._prepare, messages, images, max_new_tokens, params, notify)
+        request = await asyncio.to_thread(
+            self._prepare, messages, images, max_new_tokens, params, notify, progress
+        )
         self._submit(request)
         tokens: list[int] = []
         try:
@@ -233,6 +248,7 @@ class Engine:
         max_new_tokens: int,
         params: SamplingParams,
         notify: Callable[[Event], None],
+        progress: Progress | None = None,
     ) -> Request:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -241,9 +257,24 @@ class Engine:
         timings.preprocess_s = time.perf_counter() - timings.started
         self._check_fits(inputs)
         allowed = self._clip(inputs, max_new_tokens)
-        request = Request(inputs, params, allowed, allowed < max_new_tokens, notify, timings)
+        request = Request(inputs, params, allowed, allowed < max_new_tokens, notify, timings, progress)
         if self.prefix_cache is not None:
             request.keys = PromptKeys.of(inputs, self._cache_identity)
+        return request
+
+    def submit(
+        self,
+        messages: Sequence[dict[str, Any]],
+        images: Sequence[Image.Image],
+        max_new_tokens: int,
+        params: SamplingParams,
+        notify: Callable[[Event], None],
+        progress: Progress | None = None,
+    ) -> Request:
+        """Prepare a request in the caller's thread and queue it; `notify` gets its events from
+        the scheduler's thread (or, with `threaded=False`, from whoever steps it)."""
+        request = self._prepare(messages, images, max_new_tokens, params, notify, progress)
+        self._submit(request)
         return request
 
     def _start(
@@ -252,16 +283,18 @@ class Engine:
         images: Sequence[Image.Image],
         max_new_tokens: int,
         params: SamplingParams,
+        progress: Progress | None,
     ) -> tuple[Request, queue.Queue[Event]]:
         """Prepare and queue a request for a waiting thread; its events arrive on the queue."""
         events: queue.Queue[Event] = queue.Queue()
-        request = self._prepare(messages, images, max_new_tokens, params, events.put)
-        self._submit(request)
-        return request, events
+        return self.submit(messages, images, max_new_tokens, params, events.put, progress), events
 
     def _submit(self, request: Request) -> None:
-        if request.max_new_tokens == 0:
-            request.emit(None)  # nothing to generate: the model is never touched
+        if request.max_new_tokens == 0:  # nothing to generate: the model is never touched
+            request.enter(Stage.FINISHED)
+            request.emit(None)
+        elif self._thread is not None:
+            self._thread.submit(request)
         else:
             self.scheduler.submit(request)
 

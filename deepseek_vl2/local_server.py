@@ -102,6 +102,13 @@ class LocalCogServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (its worker, which holds the model, is a child)."""
+        if self._process is None:
+            raise ServerError("the server is not started")
+        return self._process.pid
+
     def log_text(self) -> str:
         return Path(self._log.name).read_text(encoding="utf-8", errors="replace")
 

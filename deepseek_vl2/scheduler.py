@@ -1,17 +1,29 @@
-"""Continuous batching: one thread owns the model and, step after step, admits queued requests into
-free cache rows, advances the request being prefilled by one chunk, and decodes every running
-request in one batched step.
+"""Continuous batching: step after step, admit a queued request into a free cache row, advance the
+request being admitted by one unit of work, and decode every running request in one batched step.
 
-Chunk budget: while requests are decoding, a step does at most one unit of prefill work (a vision
+Whoever owns the scheduler calls `step`: the engine's thread (scheduler_thread.py) while there is
+work, or a test, which then decides exactly what arrives and what is cancelled before each step.
+
+A request's way through the scheduler follows its stage (request.py):
+
+- QUEUED: in `waiting`, until a row is free and no other request is being admitted.
+- ENCODING: `admitting`, in its own row. Admission takes what the prefix cache holds (a KV prefix
+  copied into the row, image spans) and leaves the other images' tiles to the vision tower.
+- PREFILLING: still `admitting`. Once every tile is encoded, the prompt's embeddings are built and
+  written into the row chunk by chunk; the last chunk gives the first token.
+- DECODING: in `running`, one token per step.
+- FINISHED: its last event is sent and its row is free.
+
+Chunk budget: while requests are decoding, a step does at most one unit of admission work (a vision
 batch of up to `vision_chunk_tiles` tiles, or a prefill chunk of up to `prefill_chunk_size` tokens)
 and then one decode step of all running requests, so a new prompt delays the running answers by at
 most one such unit per token. With nothing decoding, a prompt's vision and prefill each run as one
 unit: chunks would protect nobody and only add per-chunk costs.
 
 Cache rows: running requests occupy rows 0..B-1 in the order of `running`, so a decode step reads a
-slice of the cache. A request is prefilled in the first row after them and moved down when it joins
-the batch, if a row below it was freed meanwhile; when a running request leaves, the last one moves
-into its row.
+slice of the cache. A request is admitted into the first row after them and moved down when it
+joins the batch, if a row below it was freed meanwhile; when a running request leaves, the last one
+moves into its row.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ import torch
 
 from .model import tile_ranges
 from .prefix_cache import PrefixCache
-from .request import Request
+from .request import Encoding, Prefill, Request, Stage
 from .runner import ModelRunner
 from .sampling import Sampler
 
@@ -57,73 +69,57 @@ class Scheduler:
         self.eos_id = eos_id
         self.prefill_chunk_size = prefill_chunk_size
         self.vision_chunk_tiles = vision_chunk_tiles
-        self.prefix_cache = prefix_cache  # used by this thread only
+        self.prefix_cache = prefix_cache  # used by the stepping thread only
         self.vocab_size = runner.model.config.language.vocab_size
-        self.waiting: deque[Request] = deque()  # shared with submitting threads: under _wakeup
-        self.prefilling: Request | None = None
-        self.running: list[Request] = []  # running[i] occupies cache row i
-        self._wakeup = threading.Condition()
+        self.waiting: deque[Request] = deque()  # QUEUED; shared with submitting threads: under _lock
+        self.admitting: Request | None = None  # ENCODING or PREFILLING, in its own row
+        self.running: list[Request] = []  # DECODING; running[i] occupies cache row i
+        self._lock = threading.Lock()
         self._closed = False
-        warmed_up = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, args=(warmed_up,), name="deepseek-vl2-scheduler", daemon=True
-        )
-        self._thread.start()
-        warmed_up.wait()
 
     # ---- called from any thread -------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
-        with self._wakeup:
+        with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed")
             self.waiting.append(request)
-            self._wakeup.notify()
 
-    def close(self) -> None:
-        with self._wakeup:
-            self._closed = True
-            self._wakeup.notify()
-        self._thread.join()
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.admitting or self.running)
 
     @property
     def busy_rows(self) -> int:
-        return len(self.running) + (self.prefilling is not None)
+        return len(self.running) + (self.admitting is not None)
 
-    # ---- the scheduler thread ---------------------------------------------------------------
+    # ---- called from the stepping thread ----------------------------------------------------
 
-    def _loop(self, warmed_up: threading.Event) -> None:
-        with torch.inference_mode():
-            # Compiled graphs (CUDA graph trees) belong to the thread that records them.
-            try:
-                self.runner.warm_up()
-            except Exception:
-                log.exception("decode warm-up failed; requests will compile or run eagerly")
-            finally:
-                warmed_up.set()
-            while True:
-                with self._wakeup:
-                    while not self._closed and not (self.waiting or self.prefilling or self.running):
-                        self._wakeup.wait()
-                    if self._closed:
-                        break
-                try:
-                    self.step()
-                except Exception as error:  # a scheduler bug must fail requests, never hang them
-                    log.exception("scheduler step failed")
-                    self._fail_all(error)
-        self._fail_all(EngineClosed("the engine was closed before this request finished"))
+    def close(self) -> None:
+        """Refuse new requests and fail every unfinished one with EngineClosed."""
+        with self._lock:
+            self._closed = True
+        self.fail_all(EngineClosed("the engine was closed before this request finished"))
 
+    def fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            pending, self.waiting = list(self.waiting), deque()
+        pending += self.running + ([self.admitting] if self.admitting else [])
+        self.running, self.admitting = [], None
+        for request in pending:
+            self._finish(request, error)
+
+    @torch.inference_mode()
     def step(self) -> None:
         self._drop_cancelled()
         self._admit()
-        if self.prefilling is not None:
-            request = self.prefilling
+        if self.admitting is not None:
+            request = self.admitting
             try:
-                self._advance_prefill(request)
-            except Exception as error:
-                log.exception("request %d failed during prefill", request.id)
-                self.prefilling = None
+                self._advance(request)
+            except Exception as error:  # e.g. no memory for its prompt: fail it, not the others
+                log.exception("request %d failed while %s", request.id, request.stage.value)
+                self.admitting = None
                 self._finish(request, error)
         if self.running:
             try:
@@ -135,49 +131,57 @@ class Scheduler:
                     self._finish(request, error)
 
     def _drop_cancelled(self) -> None:
-        with self._wakeup:
+        with self._lock:
             cancelled = [r for r in self.waiting if r.cancelled]
             for request in cancelled:
                 self.waiting.remove(request)
-        if self.prefilling is not None and self.prefilling.cancelled:
-            cancelled.append(self.prefilling)
-            self.prefilling = None  # its row was never part of the batch: nothing to move
+        if self.admitting is not None and self.admitting.cancelled:
+            cancelled.append(self.admitting)
+            self.admitting = None  # its row was never part of the batch: nothing to move
         rows = [i for i, r in enumerate(self.running) if r.cancelled]
         cancelled += [self.running[i] for i in rows]
         self._retire(rows)
         for request in cancelled:
-            log.info("request %d cancelled after %d tokens", request.id, len(request.tokens))
+            log.info(
+                "request %d cancelled after %d tokens, while %s",
+                request.id, len(request.tokens), request.stage.value,
+            )  # fmt: skip
             self._finish(request, RequestCancelled(f"request {request.id} was cancelled"))
 
+    # ---- QUEUED -> ENCODING ------------------------------------------------------------------
+
     def _admit(self) -> None:
-        if self.prefilling is not None or len(self.running) >= self.runner.max_batch:
+        """Give the first queued request the row after the running ones, when one is free and no
+        other request is being admitted."""
+        if self.admitting is not None or len(self.running) >= self.runner.max_batch:
             return
-        with self._wakeup:
+        with self._lock:
             if not self.waiting:
                 return
             request = self.waiting.popleft()
         request.row = len(self.running)
         request.timings.queue_s = time.perf_counter() - request.timings.started - request.timings.preprocess_s
-        self.prefilling = request
+        self.admitting = request
         try:
-            self._plan_prefill(request)
+            request.enter(Stage.ENCODING, self._plan(request))
         except Exception as error:  # e.g. no memory for its copy: fail this request, not the others
             log.exception("request %d failed at admission", request.id)
-            self.prefilling = None
+            self.admitting = None
             self._finish(request, error)
             return
         log.info(
-            "request %d: prefilling %d of %d prompt tokens (%d image tiles) in cache row %d; "
-            "%d running, %d queued",
+            "request %d: prefilling %d of %d prompt tokens (%d image tiles to encode) in cache "
+            "row %d; %d running, %d queued",
             request.id, request.prompt_len - request.prefilled, request.prompt_len,
-            request.tiles.shape[0], request.row, len(self.running), len(self.waiting),
+            request.encoding.tiles.shape[0], request.row, len(self.running), len(self.waiting),
         )  # fmt: skip
 
-    def _plan_prefill(self, request: Request) -> None:
-        """Take what the prefix cache holds for this prompt; list the images that still need the
-        vision tower (those after the reused prefix whose embeddings are not cached)."""
+    def _plan(self, request: Request) -> Encoding:
+        """Copy the longest cached prefix of the prompt into the request's row, take the cached
+        spans of the images after it, and leave the other images to the vision tower."""
         crops = request.inputs.images_spatial_crop[0].tolist()
-        after_prefix = range(len(crops))
+        after_prefix = list(range(len(crops)))
+        spans: dict[int, torch.Tensor] = {}
         cache, keys = self.prefix_cache, request.keys
         if cache is not None and keys is not None:
             hit = cache.longest_prefix(keys, request.prompt_len)
@@ -189,67 +193,82 @@ class Scheduler:
             for image in after_prefix:
                 span = cache.image(keys.images[image])
                 if span is not None:
-                    request.spans[image] = span
+                    spans[image] = span
             log.info(
                 "request %d: prefix cache %s: %d of %d prompt tokens reused, %d of %d image "
                 "embeddings cached", request.id, "hit" if hit else "miss", request.prefilled,
-                request.prompt_len, len(request.spans), len(after_prefix),
+                request.prompt_len, len(spans), len(after_prefix),
             )  # fmt: skip
-        request.encode = [image for image in after_prefix if image not in request.spans]
+        encode = [image for image in after_prefix if image not in spans]
         ranges = tile_ranges(crops)
         all_tiles = request.inputs.pixel_values[0]
-        request.tiles = torch.cat([all_tiles[ranges[image]] for image in request.encode] or [all_tiles[:0]])
+        tiles = torch.cat([all_tiles[ranges[image]] for image in encode] or [all_tiles[:0]])
+        return Encoding(encode, tiles, spans)
 
-    def _advance_prefill(self, request: Request) -> None:
-        """One unit of work: a vision batch while tiles remain, otherwise a prefill chunk."""
-        started = time.perf_counter()
-        tile_budget = self.vision_chunk_tiles if self.running else request.tiles.shape[0]
-        token_budget = self.prefill_chunk_size if self.running else request.prompt_len
-        encoded = sum(f.shape[0] for f in request.features)
-        if encoded < request.tiles.shape[0]:
-            tiles = request.tiles[encoded : encoded + tile_budget]
-            request.features.append(self.runner.encode_tiles(tiles))
-            self.runner.synchronize()
-            request.timings.vision_s += time.perf_counter() - started
-            return
-        if request.embeds is None:
-            self._collect_spans(request)
-            spans = [request.spans[image] for image in sorted(request.spans)]
-            request.embeds = self.runner.prompt_embeds(request.inputs, request.prefilled, spans)
+    # ---- ENCODING -> PREFILLING -> DECODING --------------------------------------------------
+
+    def _advance(self, request: Request) -> None:
+        """One unit of admission work: a vision batch while tiles remain, else a prefill chunk."""
+        if request.stage is Stage.ENCODING:
+            if not request.encoding.done:
+                self._encode_batch(request)
+                return
+            request.enter(Stage.PREFILLING, self._embed_prompt(request))
+        self._prefill_chunk(request)
+
+    def _encode_batch(self, request: Request) -> None:
+        encoding, started = request.encoding, time.perf_counter()
+        total = encoding.tiles.shape[0]
+        done = encoding.encoded
+        batch = encoding.tiles[done : done + (self.vision_chunk_tiles if self.running else total)]
+        encoding.features.append(self.runner.encode_tiles(batch))
+        self.runner.synchronize()
+        request.timings.vision_s += time.perf_counter() - started
+        self._report(request, "vision", encoding.encoded, total, batch.shape[0], "tiles")
+
+    def _embed_prompt(self, request: Request) -> Prefill:
+        """The prompt's embeddings after the reused prefix, from every image's span; the encoded
+        images' spans are offered to the prefix cache."""
+        encoding, spans = request.encoding, dict(request.encoding.spans)
+        if encoding.images:
+            encoded = self.runner.image_spans(request.inputs, encoding.images, torch.cat(encoding.features))
+            for image, span in zip(encoding.images, encoded):
+                spans[image] = span
+                if self.prefix_cache is not None and request.keys is not None:
+                    self.prefix_cache.put(request.keys.images[image], [span], span.shape[0])
+        ordered = [spans[image] for image in sorted(spans)]
+        embeds = self.runner.prompt_embeds(request.inputs, request.prefilled, ordered)
+        return Prefill(embeds, start=request.prefilled)
+
+    def _prefill_chunk(self, request: Request) -> None:
+        """Write the next chunk of the prompt into the row; after the last, sample the first
+        token and move the request into the batch (or finish it)."""
+        prefill, started = request.prefill, time.perf_counter()
         start = request.prefilled
-        end = min(start + token_budget, request.prompt_len)
-        offset = request.prompt_len - request.embeds.shape[0]  # the embeddings start after the reused prefix
-        hidden = self.runner.prefill(request.row, request.embeds[start - offset : end - offset], start)
+        budget = self.prefill_chunk_size if self.running else request.prompt_len
+        end = min(start + budget, request.prompt_len)
+        chunk = prefill.embeds[start - prefill.start : end - prefill.start]
+        hidden = self.runner.prefill(request.row, chunk, start)
         request.prefilled = end
+        self._report(request, "prefill", end, request.prompt_len, end - start, "tokens")
         if end < request.prompt_len:
             self.runner.synchronize()
             request.timings.prefill_s += time.perf_counter() - started
             return
-        request.embeds = None
         self._store_prefix(request)
         input_ids = request.inputs.input_ids.to(self.runner.device)
         request.sampler = Sampler(request.params, self.vocab_size, input_ids)
         token = int(request.sampler(self.runner.logits(hidden[None]))[0])
         request.timings.prefill_s += time.perf_counter() - started
-        self.prefilling = None
+        self.admitting = None
         if self._accept(request, token):
             self._finish(request)
             return
+        request.enter(Stage.DECODING)
         target = len(self.running)
         self.runner.move_row(request.row, target, request.cached_len)
         request.row = target
         self.running.append(request)
-
-    def _collect_spans(self, request: Request) -> None:
-        """Turn the encoded tiles into image spans, and offer them to the prefix cache."""
-        if not request.encode:
-            return
-        spans = self.runner.image_spans(request.inputs, request.encode, torch.cat(request.features))
-        request.features, request.tiles = [], None
-        for image, span in zip(request.encode, spans):
-            request.spans[image] = span
-            if self.prefix_cache is not None and request.keys is not None:
-                self.prefix_cache.put(request.keys.images[image], [span], span.shape[0])
 
     def _store_prefix(self, request: Request) -> None:
         """Offer the prefix ending with the prompt's last image, now wholly in the cache row."""
@@ -259,6 +278,16 @@ class Scheduler:
         length = keys.spans[-1][1]
         if length > request.cached_prompt_tokens:
             self.prefix_cache.put(keys.prefixes[-1], self.runner.read_prefix(request.row, length), length)
+
+    @staticmethod
+    def _report(request: Request, stage: str, done: int, total: int, unit: int, what: str) -> None:
+        """Tell the request's progress callback after every unit of work; log each quarter of a
+        stage that takes several units (a single unit says nothing the finish line does not)."""
+        request.report(stage, done, total)
+        if unit < total and (done == total or done * 4 // total != (done - unit) * 4 // total):
+            log.info("request %d: %s %d/%d %s", request.id, stage, done, total, what)
+
+    # ---- DECODING -> FINISHED ----------------------------------------------------------------
 
     def _decode(self) -> None:
         tokens = torch.tensor([r.tokens[-1] for r in self.running], device=self.runner.device)
@@ -291,7 +320,7 @@ class Scheduler:
 
     def _finish(self, request: Request, error: BaseException | None = None) -> None:
         request.row = -1
-        request.tiles, request.features, request.spans, request.embeds = None, [], {}, None
+        request.enter(Stage.FINISHED)
         if error is None:
             t = request.timings
             log.info(
@@ -299,11 +328,3 @@ class Scheduler:
                 request.id, len(request.tokens), t.first_token_s, t.decode_tokens_per_s,
             )  # fmt: skip
         request.emit(error)
-
-    def _fail_all(self, error: BaseException) -> None:
-        with self._wakeup:
-            pending, self.waiting = list(self.waiting), deque()
-        pending += self.running + ([self.prefilling] if self.prefilling else [])
-        self.running, self.prefilling = [], None
-        for request in pending:
-            self._finish(request, error)

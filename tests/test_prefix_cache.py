@@ -192,7 +192,7 @@ def test_a_request_cancelled_during_prefill_leaves_no_prefix():
         deadline = time.monotonic() + 30
         request = None
         while time.monotonic() < deadline:
-            request = engine.scheduler.prefilling
+            request = engine.scheduler.admitting
             if request is not None and 0 < request.prefilled < request.prompt_len:
                 break
             time.sleep(0.001)

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import torch
 
-from deepseek_vl2 import Engine, GenerationResult
+from deepseek_vl2 import Engine, GenerationResult, SamplingParams
+from deepseek_vl2.request import Stage
 from deepseek_vl2.scheduler import RequestCancelled
 from parity import CHECKPOINTS, case, conversation
 
@@ -237,3 +239,83 @@ def test_a_request_that_fails_fails_alone(engines, alone, monkeypatch):
         for job, future in zip(jobs, futures):
             assert_same_tokens(job, future.result().token_ids, alone["tiny-mha", repr(job)])
     assert engine.scheduler.busy_rows == 0
+
+
+def collect(events: list) -> list[int]:
+    """The tokens of a finished request's events; raises the error that ended it, if any."""
+    assert events and not any(e is None or isinstance(e, BaseException) for e in events[:-1]), events
+    if isinstance(events[-1], BaseException):
+        raise events[-1]
+    assert events[-1] is None, events
+    return events[:-1]
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Steps driven from the test's thread: one intra-op thread keeps them quick on a shared CPU,
+    where two spinning threads wait on each other (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("prefix_cache_bytes", [0, 2**30], ids=["prefix-cache-off", "prefix-cache-on"])
+def test_a_new_image_prompt_longer_than_a_chunk_arriving_mid_decode_is_answered(
+    prefix_cache_bytes, one_torch_thread
+):
+    """Issue 14: the image request was prefilled chunk by chunk while another answer decoded, and
+    its second chunk read the tiles the end of its vision stage had dropped. Cold path: nothing
+    was asked before, so its image goes through the vision tower."""
+    path = CHECKPOINTS / "tiny-mla-noaux"
+    talker = ([{"role": "user", "content": "Hello there."}], [])
+    late = conversation(case("tiny-mla-noaux/m_one"))  # 1839 prompt tokens, 9 tiles
+    sampling = SamplingParams(temperature=0.8, top_k=20, seed=7)
+    with Engine.from_pretrained(path, max_batch=2, prefix_cache_bytes=0, threaded=False) as solo:
+        expected: list = []
+        solo.submit(*late, 24, sampling, expected.append)
+        while solo.scheduler.has_work:
+            solo.scheduler.step()
+    with Engine.from_pretrained(
+        path, max_batch=2, prefill_chunk_size=512, vision_chunk_tiles=2,
+        prefix_cache_bytes=prefix_cache_bytes, threaded=False,
+    ) as engine:  # fmt: skip
+        talked: list = []
+        engine.submit(*talker, 200, SamplingParams(), talked.append)
+        engine.scheduler.step()
+        assert [r.stage for r in engine.scheduler.running] == [Stage.DECODING]
+        answered: list = []
+        progress: list[tuple[str, int, int, int]] = []
+        engine.submit(*late, 24, sampling, answered.append, lambda *p: progress.append((*p, len(talked))))
+        while engine.scheduler.has_work:
+            engine.scheduler.step()
+    assert collect(answered) == collect(expected)
+    assert len(collect(talked)) == 200
+    vision = [p for p in progress if p[0] == "vision"]
+    prefill = [p for p in progress if p[0] == "prefill"]
+    # Two tiles per step, then 512 tokens per step, each followed by a token of the other answer.
+    assert [done for _, done, _, _ in vision] == [2, 4, 6, 8, 9]
+    assert [done for _, done, _, _ in prefill] == [512, 1024, 1536, 1839]
+    assert {total for _, _, total, _ in prefill} == {1839}
+    assert [talked for *_, talked in progress] == list(range(2, 11))
+
+
+def test_progress_reports_each_vision_batch_and_prefill_chunk(alone):
+    job = mixed_jobs("tiny-mla-noaux")[2]  # two images, 2047 prompt tokens, alone: one unit each
+    reports: list[tuple[str, int, int]] = []
+    calls: list[str] = []
+
+    def broken(stage: str, done: int, total: int) -> None:
+        calls.append(stage)
+        raise RuntimeError("the progress bar is gone")
+
+    with Engine.from_pretrained(CHECKPOINTS / "tiny-mla-noaux", prefix_cache_bytes=0) as engine:
+        messages, images = conversation(case(job.key))
+        reported = engine.generate(messages, images, **job.options, progress=lambda *r: reports.append(r))
+        # A callback that fails is dropped after its first call; the answer still comes.
+        unreported = engine.generate(messages, images, **job.options, progress=broken)
+    tiles = case(job.key)["n_tiles"]
+    assert reports == [("vision", tiles, tiles), ("prefill", 2047, 2047)]
+    assert calls == ["vision"]
+    for result in (reported, unreported):
+        assert_same_tokens(job, result.token_ids, alone["tiny-mla-noaux", repr(job)])
