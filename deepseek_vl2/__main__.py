@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
 
 from . import Engine, build_messages
 from .settings import DTYPES
@@ -22,6 +23,31 @@ from .weights import WeightsNotFoundError, is_checkpoint_dir, is_demo_checkpoint
 
 logger = logging.getLogger("deepseek_vl2.cli")
 
+UNITS = {"vision": "tile", "prefill": "token"}
+
+
+class ProgressBars:
+    """A bar on stderr for each stage before the first token (vision tiles, prefill tokens): on a
+    CPU the first token of an image question can take a minute. Called from the engine's thread."""
+
+    def __init__(self) -> None:
+        self._stage: str | None = None
+        self._bar: tqdm | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            unit = UNITS.get(stage, "step")
+            # Each update is a vision batch or a prefill chunk, seconds apart on a CPU: draw them all.
+            self._bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, leave=False, mininterval=0)
+        assert self._bar is not None
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._stage, self._bar = None, None
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.from_pretrained(
         str(weights), device=args.device, dtype=DTYPES.get(args.dtype) if args.dtype else None
     )
-    chunks = []
+    chunks, bars = [], ProgressBars()
     for chunk in engine.stream(
         build_messages(args.question, len(images)),
         images,
@@ -87,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
+        progress=bars,
     ):
+        bars.close()  # the answer has begun
         sys.stdout.write(chunk)
         sys.stdout.flush()
         chunks.append(chunk)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -51,6 +52,11 @@ def test_streams_the_official_greedy_answer() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == run["text_with_special"] + "\n"
     assert "model ready" in result.stderr  # logs go to stderr, never into the answer
+    # progress bars through the image tiles and the prompt before the first token, on stderr
+    tiles = sum(1 + columns * rows for columns, rows in case["images_spatial_crop"])
+    tokens = len(case["input_ids"])
+    assert re.search(rf"vision: +100%\|.*\| {tiles}/{tiles} ", result.stderr), result.stderr
+    assert re.search(rf"prefill: +100%\|.*\| {tokens}/{tokens} ", result.stderr), result.stderr
 
 
 def test_unreadable_image_is_reported_without_a_traceback(tmp_path: Path) -> None:
