@@ -115,7 +115,7 @@ class Execution:
     # Native low-precision products of at least MANY_ROWS rows pad their rows up to a multiple of
     # this (0: never). oneDNN's bf16 (AMX) kernels are made per shape and slow on ragged row counts,
     # and every expert of a prefill chunk gets its own count: padding makes them a few shapes (the
-    # seed prompt's prefill, tiny, Sapphire Rapids: 3.7-4.0 s -> 2.2-2.6 s; multiples of 16: 2.6-2.8 s).
+    # seed prompt's prefill, tiny, 2-core AMX Xeon: 3.7-4.0 s -> 2.2-2.6 s; multiples of 16: 2.6-2.8 s).
     native_row_multiple: int = 0
 
     @classmethod
