@@ -20,10 +20,18 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .quantize import QuantizedWeight
+
+# Quantized products of this many rows or more dequantize (scripts/bench_quantize.py: on the
+# Sapphire Rapids CPU the int4/int8 kernels beat a dequantized product below it).
+DEQUANTIZE_MIN_ROWS_CPU = 16
 
 
 @dataclass(frozen=True)
@@ -42,14 +50,18 @@ class Execution:
     # unrounded until the value projection, where the reference rounds the attention output once.
     # Not on CUDA, where copying the cache every step would cost more than it saves.
     fp32_attention: bool = False
+    # Products of at least this many rows with a quantized weight (quantize.py) dequantize it into a
+    # reused buffer and run a dense product in `compute_dtype`; fewer rows run the weight's own
+    # kernel, which streams the quantized bytes (0: always the kernel).
+    dequantize_min_rows: int = 0
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype) -> Execution:
         if device.type == "cuda":
             return cls(sync_free_expert_tokens=64)
         if dtype == torch.float32:
-            return cls(transposed_max_rows=16)
-        return cls(upcast_min_rows=16, fp32_attention=True)
+            return cls(transposed_max_rows=16, dequantize_min_rows=DEQUANTIZE_MIN_ROWS_CPU)
+        return cls(upcast_min_rows=16, fp32_attention=True, dequantize_min_rows=DEQUANTIZE_MIN_ROWS_CPU)
 
     def __post_init__(self) -> None:
         if self.sync_free_experts not in ("auto", "gathered", "dense"):
@@ -60,8 +72,15 @@ class Execution:
             return torch.float32
         return weight_dtype
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if not isinstance(weight, torch.Tensor):
+            if not self.dequantize_min_rows or rows < self.dequantize_min_rows:
+                return weight.linear(x, bias)
+            dtype = self.compute_dtype(rows, weight.dtype)
+            dense = weight.dequantize(dtype, scratch(weight.dense_numel, dtype, x.device))
+            bias = None if bias is None else bias.to(dtype)
+            return F.linear(x.to(dtype), dense, bias).to(x.dtype)
         dtype = self.compute_dtype(rows, weight.dtype)
         if dtype != weight.dtype:
             bias = None if bias is None else bias.to(dtype)
@@ -112,6 +131,17 @@ def upcast(tensor: torch.Tensor, slot: int = 0) -> torch.Tensor:
     # head-major) would cost more than the conversion.
     strides = torch.empty_like(tensor, dtype=torch.float32, device="meta").stride()
     return buffer[: tensor.numel()].as_strided(tensor.shape, strides).copy_(tensor)
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's reusable 1-D buffer of at least `numel` values of `dtype`, valid until the next
+    call: quantized weights dequantize into it (fresh memory per product faults pages, see upcast)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (device, torch.is_inference_mode_enabled(), dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 class Linear(nn.Linear):

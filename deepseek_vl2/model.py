@@ -14,6 +14,7 @@ from .config import DeepseekVL2Config
 from .execution import Execution
 from .language import Gate, LanguageModel, RotaryTables
 from .projector import Projector
+from .quantize import QuantizedModule, QuantizeSpec, quantize_model, quantized_bytes
 from .vision import VisionTower
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class DeepseekVL2(nn.Module):
         self.language = LanguageModel(config.language)
         # What the weights are, for cache keys: a checkpoint's digest once loaded from disk.
         self.weights_id = uuid.uuid4().hex
+        self.quantization = QuantizeSpec()  # set by quantize_model
 
     @property
     def device(self) -> torch.device:
@@ -47,15 +49,33 @@ class DeepseekVL2(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         config: DeepseekVL2Config | None = None,
+        quantize: QuantizeSpec | None = None,
     ) -> DeepseekVL2:
-        """Build on the meta device, allocate straight on `device` in `dtype`, fill from disk."""
+        """Build on the meta device, allocate straight on `device` in `dtype`, fill from disk.
+
+        With `quantize` (quantize.py), the language model's linear weights are allocated only in
+        their quantized form and quantized tensor by tensor as they are read.
+        """
         config = config or DeepseekVL2Config.from_pretrained(path)
+        quantize = quantize or QuantizeSpec()
         with torch.device("meta"):
             model = cls(config)
+        quantize_model(model, quantize)
         model.materialize(torch.device(device), dtype)
         load_checkpoint(model, path, config)
+        model.log_quantization()
         model.weights_id = checkpoint_identity(path)
         return model.eval()
+
+    def log_quantization(self) -> None:
+        if self.quantization.mode == "none":
+            return
+        before, after = quantized_bytes(self)
+        seconds = getattr(self, "quantize_seconds", 0.0)
+        log.info(
+            "quantized the language model's linear weights to %s: %.1f MiB -> %.1f MiB in %.1f s",
+            self.quantization.name, before / 2**20, after / 2**20, seconds,
+        )  # fmt: skip
 
     def set_execution(self, execution: Execution) -> None:
         """Choose how every product runs (see execution.py); every module that has a choice
@@ -68,6 +88,8 @@ class DeepseekVL2(nn.Module):
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate (uninitialised) parameters; routers stay fp32, RoPE tables are computed."""
         ours = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        quantized = [(name, module) for name, module in self.named_modules() if isinstance(module, QuantizedModule)]
+        ours |= {f"{name}.{weight}": shape for name, module in quantized for weight, shape in module.quantized.items()}
         expected = expected_internal_params(self.config)
         assert ours.keys() == expected.keys(), (
             f"module/format mismatch: {sorted(ours.keys() ^ expected.keys())[:5]}"
@@ -79,6 +101,8 @@ class DeepseekVL2(nn.Module):
                 setattr(module, name, nn.Parameter(empty, requires_grad=False))
             if isinstance(module, RotaryTables):
                 module.reset(device)
+            if isinstance(module, QuantizedModule):
+                module.allocate(device, dtype)
         self.set_execution(Execution.for_device(device, dtype))
 
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
