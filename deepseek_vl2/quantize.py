@@ -221,8 +221,9 @@ class Int4Weight(QuantizedWeight):
         # The packed bytes, read as [*, block, group, column in group, row in half-block].
         packed = self.data.view(*lead, blocks, groups, g, half)
         # w = q * s + (z - 8 s), per (group, row): [*, group, block, half (low/high nibble), row].
-        scale = self.scale.to(dtype).view(*lead, groups, blocks, 2, half, 2)
-        s, offset = scale[..., 0], (scale[..., 1].float() - 8 * scale[..., 0].float()).to(dtype)
+        # In fp32, so that each weight is rounded once, when it is written in `dtype`.
+        scale = self.scale.float().view(*lead, groups, blocks, 2, half, 2)
+        s, offset = scale[..., 0], scale[..., 1] - 8 * scale[..., 0]
         target = out.view(*lead, blocks, 2, half, groups, g)
         nlead = len(lead)
         # Reorder to the packed order [*, block, group, 1 (column), row]; the writes go through
