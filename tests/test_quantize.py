@@ -322,15 +322,26 @@ def bf16_greedy(bf16_models) -> dict[str, list[int]]:
     return runs
 
 
-def step_logits(model: DeepseekVL2, c: dict, tokens: list[int]) -> torch.Tensor:
+def image_spans(model: DeepseekVL2, c: dict) -> list[torch.Tensor]:
+    """The case's image embeddings: the vision tower and projector are never quantized, so one
+    model's serve every mode."""
+    inputs = model_inputs(c)
+    with torch.inference_mode():
+        return model.encode_images(inputs["pixel_values"], inputs["images_spatial_crop"])
+
+
+def step_logits(model: DeepseekVL2, c: dict, tokens: list[int], spans: list[torch.Tensor]) -> torch.Tensor:
     """fp32 logits [steps, V] that chose each token of `tokens` after the case's prompt (teacher
-    forced: the prompt and the tokens before it)."""
+    forced: the prompt and the tokens before it), one forward without cache."""
     inputs = model_inputs(c)
     prompt = inputs["input_ids"].shape[1]
-    ids = torch.cat([inputs["input_ids"], torch.tensor([tokens[:-1]], dtype=torch.long)], dim=1)
-    mask = torch.cat([inputs["images_seq_mask"], torch.zeros(1, len(tokens) - 1, dtype=torch.bool)], dim=1)
-    logits = model(ids, inputs["pixel_values"], mask, inputs["images_spatial_crop"])
-    return logits[0, prompt - 1 :]
+    ids = torch.cat([inputs["input_ids"][0], torch.tensor(tokens[:-1], dtype=torch.long)])
+    mask = torch.cat([inputs["images_seq_mask"][0], torch.zeros(len(tokens) - 1, dtype=torch.bool)])
+    with torch.inference_mode():
+        embeds = model.embed_prompt(ids, mask, spans)[None]
+        language = model.language
+        hidden = language(embeds, language.context(torch.arange(ids.shape[0])[None]))
+        return language.logits(hidden)[0, prompt - 1 :]
 
 
 def test_logit_drift_against_bf16(bf16_models, quantized_models, bf16_greedy):
@@ -340,11 +351,12 @@ def test_logit_drift_against_bf16(bf16_models, quantized_models, bf16_greedy):
     firm_disagreements: list[str] = []
     for c in model_cases():
         tokens = bf16_greedy[c["key"]]
-        reference = step_logits(bf16_models[c["checkpoint"]], c, tokens)
+        spans = image_spans(bf16_models[c["checkpoint"]], c)
+        reference = step_logits(bf16_models[c["checkpoint"]], c, tokens, spans)
         top2 = reference.topk(2, dim=-1).values
         firm = (top2[:, 0] - top2[:, 1]) >= FIRM_MARGIN
         for mode in ("int8", "int4"):
-            logits = step_logits(quantized_models[(mode, c["checkpoint"])], c, tokens)
+            logits = step_logits(quantized_models[(mode, c["checkpoint"])], c, tokens, spans)
             diff = (logits - reference).abs()
             same = logits.argmax(-1) == reference.argmax(-1)
             totals[mode].append(float(diff.max()))
@@ -375,7 +387,7 @@ def test_logit_drift_against_bf16(bf16_models, quantized_models, bf16_greedy):
 def test_int8_greedy_reproduces_bf16_on_its_firm_steps(bf16_models, quantized_models, bf16_greedy, key):
     c = case(key)
     tokens = bf16_greedy[key]
-    reference = step_logits(bf16_models[c["checkpoint"]], c, tokens)
+    reference = step_logits(bf16_models[c["checkpoint"]], c, tokens, image_spans(bf16_models[c["checkpoint"]], c))
     top2 = reference.topk(2, dim=-1).values
     margins = (top2[:, 0] - top2[:, 1]).tolist()
     firm = next((i for i, m in enumerate(margins) if m < FIRM_MARGIN), len(margins))
