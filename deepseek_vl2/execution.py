@@ -29,9 +29,12 @@ from torch import nn
 if TYPE_CHECKING:
     from .quantize import QuantizedWeight
 
-# Quantized products of this many rows or more dequantize (scripts/bench_quantize.py: on the
-# Sapphire Rapids CPU the int4/int8 kernels beat a dequantized product below it).
-DEQUANTIZE_MIN_ROWS_CPU = 16
+# Quantized products of this many rows or more dequantize. Measured against products in fp32 (the
+# upcast path), 2-core Sapphire Rapids (scripts/bench_quantize.py, README Performance): the int4
+# kernel and the dequantized product cross at 100-220 rows for tiny's experts and projections and
+# about 450 for its dense MLP (int8: 80-256). Prefill's experts get about 50 rows each (kernel), its
+# dense products a whole chunk (dequantized). With products in native bf16 the crossing moves lower.
+DEQUANTIZE_MIN_ROWS_CPU = 256
 
 
 @dataclass(frozen=True)

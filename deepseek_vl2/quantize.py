@@ -210,33 +210,36 @@ class Int4Weight(QuantizedWeight):
         return math.prod(self.lead) * self.padded_out * self.in_features
 
     def dequantize(self, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights as a transposed view: the values are written as [*lead, in, out], the order
+        in which the packed bytes hold them (per input column, 32 consecutive output rows per
+        nibble), so that every write is contiguous; a product takes the transposed weight as is."""
         if self.device.type == "cuda":
             raise NotImplementedError("CUDA int4 runs every product with its kernel (Execution.for_device)")
         lead, n, k, g = self.lead, self.padded_out, self.in_features, self.group_size
         blocks, groups, half = n // INT4_ROW_BLOCK, k // g, INT4_ROW_BLOCK // 2
         if buffer is None:
-            out = torch.empty(*lead, n, k, dtype=dtype, device=self.device)
-        else:
-            out = buffer[: self.dense_numel].view(*lead, n, k)
-        # The packed bytes, read as [*, block, group, column in group, row in half-block].
+            buffer = torch.empty(self.dense_numel, dtype=dtype, device=self.device)
+        transposed = buffer[: self.dense_numel].view(*lead, k, n)
+        nlead = len(lead)
+        # The packed bytes as [*, block, group, column in group, row in half-block].
         packed = self.data.view(*lead, blocks, groups, g, half)
-        # w = q * s + (z - 8 s), per (group, row): [*, group, block, half (low/high nibble), row].
-        # In fp32, so that each weight is rounded once, when it is written in `dtype`.
+        # w = q * s + (z - 8 s), with s and z per (group, row), in fp32 so that each weight is
+        # rounded once, when it is written in `dtype`: [*, group, block, nibble, row].
         scale = self.scale.float().view(*lead, groups, blocks, 2, half, 2)
         s, offset = scale[..., 0], scale[..., 1] - 8 * scale[..., 0]
-        target = out.view(*lead, blocks, 2, half, groups, g)
-        nlead = len(lead)
-        # Reorder to the packed order [*, block, group, 1 (column), row]; the writes go through
-        # strided views of `out`, so the dense [out, in] matrix is produced in one pass per nibble.
-        to_packed = (*range(nlead), nlead + 1, nlead)
+        # [*, group, block, row] -> [*, block, group, 1 (column in group), row], as `packed`.
+        as_packed = (*range(nlead), nlead + 1, nlead, nlead + 2)
+        # The output [*, in, out] as [*, group, column, block, nibble, row], reordered likewise.
+        target = transposed.view(*lead, groups, g, blocks, 2, half)
+        target_as_packed = (*range(nlead), nlead + 2, nlead, nlead + 1, nlead + 3)
         for nibble, values in enumerate((packed & 15, packed >> 4)):
-            s_n = s[..., nibble, :].permute(*to_packed, nlead + 2)[..., None, :]
-            o_n = offset[..., nibble, :].permute(*to_packed, nlead + 2)[..., None, :]
-            view = target[..., nibble, :, :, :].permute(*range(nlead), nlead, nlead + 2, nlead + 3, nlead + 1)
-            torch.addcmul(o_n, values, s_n, out=view)
-        if n != self.out_features:
-            return out[..., : self.out_features, :]
-        return out
+            torch.addcmul(
+                offset[..., nibble, :].permute(as_packed)[..., None, :],
+                values,
+                s[..., nibble, :].permute(as_packed)[..., None, :],
+                out=target[..., nibble, :].permute(target_as_packed),
+            )
+        return transposed.transpose(-1, -2)[..., : self.out_features, :]
 
     def store(self, lead: tuple[int, ...], weight: torch.Tensor) -> None:
         n, k, g = weight.shape[0], self.in_features, self.group_size
