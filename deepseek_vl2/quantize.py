@@ -26,7 +26,7 @@ Kernels (measurements: scripts/bench_quantize.py, README Performance):
   rows 0-31 and high nibbles rows 32-63). Output rows are padded to a multiple of 64.
 - CPU int8: torch's `_weight_int8pack_mm`.
 - CUDA int4: `_weight_int4pack_mm` over `_convert_weight_to_int4pack` (tinygemm layout, 8 inner k
-  tiles); CUDA int8: dequantize and multiply, which torch.compile fuses in the compiled decode step.
+  tiles where the width allows), for every product (no dequantize path); bf16 only. CUDA int8: dequantize and multiply, which torch.compile fuses in the compiled decode step.
   Both are UNVERIFIED: no GPU was available when they were written (README).
 
 Loading streams (`StreamingQuantizer`): each weight matrix is assembled in the model dtype from
@@ -37,6 +37,7 @@ the quantized model plus one matrix in flight, never the whole bf16 model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -58,7 +59,6 @@ DEFAULT_GROUP_SIZE = 128
 MIN_GROUP_SIZE = 32
 # The CPU int4 kernel packs output rows in blocks of 64 (and CUDA's in blocks of 8).
 INT4_ROW_BLOCK = 64
-CUDA_INNER_K_TILES = 8
 # Rows quantized at once: bounds the fp32 temporaries while a large matrix (the output head) is
 # quantized. A multiple of INT4_ROW_BLOCK.
 QUANTIZE_CHUNK_ROWS = 8192
@@ -100,7 +100,16 @@ class QuantizedWeight:
 
     def __getitem__(self, index: int | torch.Tensor) -> QuantizedWeight:
         """One expert (an int), or several stacked (a 1-D index tensor: a gather, no host sync)."""
+        if isinstance(index, int):
+            return self.experts[index]
         return dataclasses.replace(self, data=self.data[index], scale=self.scale[index])
+
+    @functools.cached_property
+    def experts(self) -> tuple[QuantizedWeight, ...]:
+        """Each expert's weight, built once: the grouped path indexes them on every forward."""
+        return tuple(
+            dataclasses.replace(self, data=self.data[i], scale=self.scale[i]) for i in range(self.lead[0])
+        )
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] @ weight^T (+ bias) by the weight's own kernel, which reads the quantized bytes:
@@ -180,10 +189,10 @@ class Int4Weight(QuantizedWeight):
         padded = -(-out_features // INT4_ROW_BLOCK) * INT4_ROW_BLOCK
         group = fitting_group_size(in_features, group_size)
         if device.type == "cuda":
-            tile = 16 * CUDA_INNER_K_TILES
-            if in_features % tile:
-                raise ValueError(f"CUDA int4 needs an input width that is a multiple of {tile}, got {in_features}")
-            shape = (padded // 8, in_features // tile, 32, CUDA_INNER_K_TILES // 2)
+            if dtype != torch.bfloat16:
+                raise ValueError("int4 on CUDA needs bf16 weights (torch's kernel takes bf16 only)")
+            tiles = cuda_inner_k_tiles(in_features)
+            shape = (padded // 8, in_features // (16 * tiles), 32, tiles // 2)
             data = torch.empty(*lead, *shape, dtype=torch.int32, device=device)
         else:
             data = torch.empty(*lead, padded, in_features // 2, dtype=torch.uint8, device=device)
@@ -252,9 +261,17 @@ class Int4Weight(QuantizedWeight):
             scale[:, start:stop] = torch.stack([s, z], dim=-1).transpose(0, 1)
             if self.device.type == "cuda":
                 nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-                data[start // 8 : stop // 8] = torch._convert_weight_to_int4pack(nibbles, CUDA_INNER_K_TILES)
+                data[start // 8 : stop // 8] = torch._convert_weight_to_int4pack(nibbles, cuda_inner_k_tiles(k))
             else:
                 data[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def cuda_inner_k_tiles(in_features: int) -> int:
+    """The CUDA int4 layout's inner k tiles (of 16 columns): the most of 8, 4, 2 the width allows."""
+    for tiles in (8, 4, 2):
+        if in_features % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"int4 on CUDA needs an input width that is a multiple of 32, got {in_features}")
 
 
 def round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -337,9 +354,13 @@ class QuantizedModule(nn.Module):
     def __getattr__(self, name: str):
         templates = self.__dict__.get("_templates", {})
         if name in templates:
-            # Over the current buffers, so the weight follows them if the module is moved.
-            buffers = self.__dict__["_buffers"]
-            return dataclasses.replace(templates[name], data=buffers[f"{name}_data"], scale=buffers[f"{name}_scale"])
+            # Over the current buffers, so the weight follows them if the module is moved; rebuilt
+            # only then (with its cached per-expert views).
+            weight, buffers = templates[name], self.__dict__["_buffers"]
+            data, scale = buffers[f"{name}_data"], buffers[f"{name}_scale"]
+            if weight.data is not data or weight.scale is not scale:
+                weight = templates[name] = dataclasses.replace(weight, data=data, scale=scale)
+            return weight
         return super().__getattr__(name)
 
     def quantized_weights(self) -> dict[str, QuantizedWeight]:

@@ -1,5 +1,8 @@
 """Weight-only int8 / int4 quantization (deepseek_vl2/quantize.py).
 
+The kernel tests run on the CPU; the model tests on DEEPSEEK_VL2_TEST_DEVICE (tests/parity.py), so
+that gpu_check's parity-quantized stage runs them on CUDA.
+
 - Storage: quantize then dequantize stays within half a step of every weight.
 - Kernels: every quantized product (the few-row kernel, the many-row dequantize path, the grouped,
   gathered and dense experts) equals the same product with the dequantized weights, to the
@@ -28,7 +31,7 @@ from deepseek_vl2.quantize import (
     fitting_group_size, quantize_model, quantized_bytes,
 )  # fmt: skip
 from deepseek_vl2.settings import QUANTIZE_ENV, QUANTIZE_GROUP_ENV, default_quantize
-from parity import CHECKPOINTS, case, conversation, model_cases, model_inputs
+from parity import CHECKPOINTS, DEVICE, case, conversation, model_cases, model_inputs
 
 CPU = torch.device("cpu")
 SPECS = {"int8": QuantizeSpec("int8"), "int4": QuantizeSpec("int4", 128), "int4-g32": QuantizeSpec("int4", 32)}
@@ -48,9 +51,9 @@ ROUTER_NEAR_TIES = {"tiny-mla-noaux/m_text"}
 
 
 def quantized(spec: QuantizeSpec, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> QuantizedWeight:
-    """`weight` [*lead, out, in] quantized, matrix by matrix."""
+    """`weight` [*lead, out, in] quantized, matrix by matrix, on its device."""
     *lead, n, k = weight.shape
-    q = spec.empty(tuple(lead), n, k, dtype, CPU)
+    q = spec.empty(tuple(lead), n, k, dtype, weight.device)
     for index in itertools.product(*map(range, lead)):
         q.store(index, weight[index])
     return q
@@ -218,14 +221,14 @@ def test_sync_free_expert_paths_never_sync(monkeypatch, paths):
 @pytest.fixture(scope="module")
 def bf16_models() -> dict[str, DeepseekVL2]:
     names = sorted({c["checkpoint"] for c in model_cases()})
-    return {name: DeepseekVL2.from_pretrained(CHECKPOINTS / name, dtype=torch.bfloat16) for name in names}
+    return {name: DeepseekVL2.from_pretrained(CHECKPOINTS / name, DEVICE, torch.bfloat16) for name in names}
 
 
 @pytest.fixture(scope="module")
 def quantized_models() -> dict[tuple[str, str], DeepseekVL2]:
     names = sorted({c["checkpoint"] for c in model_cases()})
     return {
-        (mode, name): DeepseekVL2.from_pretrained(CHECKPOINTS / name, dtype=torch.bfloat16, quantize=SPECS[mode])
+        (mode, name): DeepseekVL2.from_pretrained(CHECKPOINTS / name, DEVICE, torch.bfloat16, quantize=SPECS[mode])
         for mode in ("int8", "int4")
         for name in names
     }
@@ -262,7 +265,7 @@ def test_loading_quantizes_the_checkpoints_weights_one_matrix_at_a_time(bf16_mod
         return view
 
     monkeypatch.setattr(StreamingQuantizer, "stage", recording_stage)
-    loaded = DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mha", dtype=torch.bfloat16, quantize=SPECS["int4"])
+    loaded = DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mha", DEVICE, torch.bfloat16, quantize=SPECS["int4"])
     bf16 = bf16_models["tiny-mha"]
     # At most the largest fused matrix (q/k/v, read as three tensors) is in flight, never the model.
     largest = max(p.nbytes for p in bf16.language.parameters() if p.dim() == 2)
@@ -327,7 +330,7 @@ def image_spans(model: DeepseekVL2, c: dict) -> list[torch.Tensor]:
     model's serve every mode."""
     inputs = model_inputs(c)
     with torch.inference_mode():
-        return model.encode_images(inputs["pixel_values"], inputs["images_spatial_crop"])
+        return model.encode_images(inputs["pixel_values"].to(model.device), inputs["images_spatial_crop"])
 
 
 def step_logits(model: DeepseekVL2, c: dict, tokens: list[int], spans: list[torch.Tensor]) -> torch.Tensor:
@@ -340,7 +343,7 @@ def step_logits(model: DeepseekVL2, c: dict, tokens: list[int], spans: list[torc
     with torch.inference_mode():
         embeds = model.embed_prompt(ids, mask, spans)[None]
         language = model.language
-        hidden = language(embeds, language.context(torch.arange(ids.shape[0])[None]))
+        hidden = language(embeds, language.context(torch.arange(ids.shape[0], device=model.device)[None]))
         return language.logits(hidden)[0, prompt - 1 :]
 
 
