@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import pytest
 import torch
@@ -153,6 +154,30 @@ def test_many_rows_dequantize_and_compute_in_the_executions_dtype(name, upcast, 
     if upcast:  # exactly the fp32 product of the dequantized weights, rounded once
         dense = q.dequantize(torch.float32)
         torch.testing.assert_close(got, F.linear(x.float(), dense, bias.float()).bfloat16(), rtol=0, atol=0)
+
+
+def test_the_dequantize_buffer_starts_cold_then_is_reused_and_grown():
+    small = quantized(SPECS["int4"], awkward_weight(64, 64).bfloat16())
+    large = quantized(SPECS["int8"], awkward_weight(640, 128, seed=1).bfloat16())
+    execution = Execution(dequantize_min_rows=1)
+    errors: list[BaseException] = []
+
+    def products() -> None:
+        try:
+            # A new thread has no buffer yet (they are per thread): the first product allocates
+            # it, the second grows it, the third reuses the grown one.
+            for weight in (small, large, small):
+                x = torch.randn(20, weight.in_features).bfloat16()
+                expected, tolerance = reference_product(x, weight)
+                error = (execution.linear(x, weight).double() - expected).abs()
+                assert bool((error <= tolerance + expected.abs() * 2.0**-8).all())
+        except BaseException as error:  # reported by the test's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=products)
+    thread.start()
+    thread.join()
+    assert errors == []
 
 
 def test_fp32_models_use_the_kernels_too():
