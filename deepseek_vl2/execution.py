@@ -75,7 +75,9 @@ class Execution:
             return torch.float32
         return weight_dtype
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if not isinstance(weight, torch.Tensor):
             if not self.dequantize_min_rows or rows < self.dequantize_min_rows:

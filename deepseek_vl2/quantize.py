@@ -12,9 +12,11 @@ its original (the scale is rounded up to the stored dtype, so no weight is clipp
 
 What is quantized (`quantize_model`): the language model's `Linear`s (attention projections, dense
 and shared MLPs, the output head) and the stacked routed experts. What is not: the vision tower,
-the projector, embeddings, norms, routers, and MLA's `kv_b_proj`, whose weight the absorbed decode
-reads whole, per head, every step (a quantized copy would be dequantized every step, which reads
-and writes more bytes than the bf16 weight it replaces; no released variant uses MLA).
+the projector, embeddings, norms, routers, and MLA's `kv_b_proj` (small and base), whose weight
+the absorbed decode reads whole, per head, and converts to fp32 every step. Measured on small's
+4096x512: that conversion takes 0.25 ms a layer; dequantizing an int4 copy 1.47 ms (int8 0.59 ms),
+for 3 MB (2 MB) fewer bytes read, about 0.15 ms: quantized it would cost 9-33 ms a token in all for
+113 MB saved (1.3% of small in int4).
 
 How a quantized product runs is `Execution.linear`'s choice: few rows call the weight's own kernel
 (`QuantizedWeight.linear`, which streams the quantized bytes), many rows dequantize into a reused
@@ -26,8 +28,9 @@ Kernels (measurements: scripts/bench_quantize.py, README Performance):
   rows 0-31 and high nibbles rows 32-63). Output rows are padded to a multiple of 64.
 - CPU int8: torch's `_weight_int8pack_mm`.
 - CUDA int4: `_weight_int4pack_mm` over `_convert_weight_to_int4pack` (tinygemm layout, 8 inner k
-  tiles where the width allows), for every product (no dequantize path); bf16 only. CUDA int8: dequantize and multiply, which torch.compile fuses in the compiled decode step.
-  Both are UNVERIFIED: no GPU was available when they were written (README).
+  tiles where the width allows), for every product (no dequantize path); bf16 only.
+- CUDA int8: dequantize and multiply, which torch.compile can fuse in the compiled decode step.
+- Both CUDA paths are UNVERIFIED: no GPU was available when they were written (README).
 
 Loading streams (`StreamingQuantizer`): each weight matrix is assembled in the model dtype from
 its checkpoint tensors, quantized as soon as it is complete and released, so that memory holds
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -49,8 +51,6 @@ from torch import nn
 
 from .execution import Execution, Linear
 from .language import Experts
-
-log = logging.getLogger(__name__)
 
 MODES = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -142,7 +142,9 @@ class Int8Weight(QuantizedWeight):
     """int8 [*lead, out, in] and one scale per output channel [*lead, out]."""
 
     @classmethod
-    def empty(cls, lead: tuple[int, ...], out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> Int8Weight:
+    def empty(
+        cls, lead: tuple[int, ...], out_features: int, in_features: int, dtype: torch.dtype, device: torch.device
+    ) -> Int8Weight:
         data = torch.empty(*lead, out_features, in_features, dtype=torch.int8, device=device)
         scale = torch.empty(*lead, out_features, dtype=dtype, device=device)
         return cls(data, scale, out_features, in_features)
@@ -153,7 +155,7 @@ class Int8Weight(QuantizedWeight):
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cuda":
-            # A dequantize-and-multiply: compiled, the conversion fuses into the product's read.
+            # A dequantize-and-multiply, which the compiled decode step may fuse (unverified).
             return F.linear(x, self.data.to(x.dtype)) * self.scale
         return torch._weight_int8pack_mm(x, self.data, self.scale)
 
@@ -282,7 +284,9 @@ def round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(smaller, torch.nextafter(rounded, torch.full_like(rounded, torch.inf)), rounded)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(
+    w: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest int4 of fp32 `w` [n, k]: q [n, k] int32 in [0, 15], and per group scales
     and zero points [n, k / group] in `dtype`, with w ~ (q - 8) * s + z.
 
@@ -325,7 +329,9 @@ class QuantizeSpec:
     def name(self) -> str:
         return f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
 
-    def empty(self, lead: tuple[int, ...], out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> QuantizedWeight:
+    def empty(
+        self, lead: tuple[int, ...], out_features: int, in_features: int, dtype: torch.dtype, device: torch.device
+    ) -> QuantizedWeight:
         if self.mode == "int8":
             return Int8Weight.empty(lead, out_features, in_features, dtype, device)
         assert self.mode == "int4"
@@ -416,7 +422,7 @@ class QuantizedExperts(QuantizedModule, Experts):
         return self._combine(selected.flatten(0, 1), weights, x.dtype)
 
 
-# Linears that stay in the model dtype: MLA's kv_b_proj, read whole by the absorbed decode.
+# Linears that stay in the model dtype: MLA's kv_b_proj, read whole by the absorbed decode (above).
 KEPT_LINEARS = ("kv_b_proj",)
 
 

@@ -204,7 +204,8 @@ def expert_fixture(name: str) -> tuple[QuantizedExperts, Experts, torch.Tensor, 
         reference.w_down.copy_(experts.w_down.dequantize(torch.float32))
     tokens = 5
     x = torch.randn(tokens, dim).bfloat16()
-    weights, indices = torch.rand(tokens, 2).softmax(-1), torch.stack([torch.randperm(n_experts)[:2] for _ in range(tokens)])
+    weights = torch.rand(tokens, 2).softmax(-1)
+    indices = torch.stack([torch.randperm(n_experts)[:2] for _ in range(tokens)])
     return experts, reference, x, weights, indices
 
 
@@ -265,7 +266,8 @@ def test_only_the_language_models_linear_weights_are_quantized(bf16_models, quan
     assert swapped and all(name.startswith("language.") for name in swapped)
     assert "language.lm_head" in swapped
     layer = model.language.model.layers[1]
-    assert isinstance(layer.mlp.experts, QuantizedExperts) and isinstance(layer.mlp.shared_experts.gate_up, QuantizedLinear)
+    assert isinstance(layer.mlp.experts, QuantizedExperts)
+    assert isinstance(layer.mlp.shared_experts.gate_up, QuantizedLinear)
     assert isinstance(layer.self_attn.q_proj, QuantizedLinear) and isinstance(layer.self_attn.o_proj, QuantizedLinear)
     assert isinstance(model.language.model.layers[0].mlp.down_proj, QuantizedLinear)
     # Kept in the model dtype: MLA's kv_b (read whole by the absorbed decode), the vision tower,
@@ -324,7 +326,7 @@ def test_the_knob(monkeypatch):
 
 def test_prefix_cache_keys_include_the_mode(bf16_models, quantized_models):
     identities = set()
-    for model in (bf16_models["tiny-mha"], quantized_models[("int8", "tiny-mha")], quantized_models[("int4", "tiny-mha")]):
+    for model in [bf16_models["tiny-mha"]] + [quantized_models[(mode, "tiny-mha")] for mode in ("int8", "int4")]:
         model_id = model.weights_id
         engine = Engine(model, Processor.from_pretrained(CHECKPOINTS / "tiny-mha"), prefix_cache_bytes=0)
         engine.close()
@@ -396,7 +398,8 @@ def test_logit_drift_against_bf16(bf16_models, quantized_models, bf16_greedy):
             if mode == "int8" and not bool(same[firm].all()):
                 firm_disagreements.append(c["key"])
     for mode in totals:
-        print(f"{mode}: max |dlogit| {max(totals[mode]):.3f}, top-1 agreement {sum(agree[mode]) / len(agree[mode]):.1%}")
+        agreement = sum(agree[mode]) / len(agree[mode])
+        print(f"{mode}: max |dlogit| {max(totals[mode]):.3f}, top-1 agreement {agreement:.1%}")
     assert set(firm_disagreements) == ROUTER_NEAR_TIES, "int8 changes a token that bf16 chose by a firm margin"
     # int4 drifts more than int8, but it must still be the same model.
     assert max(totals["int8"]) < max(totals["int4"])
@@ -419,7 +422,8 @@ def test_int8_greedy_reproduces_bf16_on_its_firm_steps(bf16_models, quantized_mo
     top2 = reference.topk(2, dim=-1).values
     margins = (top2[:, 0] - top2[:, 1]).tolist()
     firm = next((i for i, m in enumerate(margins) if m < FIRM_MARGIN), len(margins))
-    engine = Engine(quantized_models[("int8", c["checkpoint"])], Processor.from_pretrained(CHECKPOINTS / c["checkpoint"]), prefix_cache_bytes=0)
+    processor = Processor.from_pretrained(CHECKPOINTS / c["checkpoint"])
+    engine = Engine(quantized_models[("int8", c["checkpoint"])], processor, prefix_cache_bytes=0)
     try:
         messages, images = conversation(c)
         result = engine.generate(messages, images, max_new_tokens=GREEDY_STEPS, temperature=0, repetition_penalty=1.0)
