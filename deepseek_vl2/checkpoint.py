@@ -323,4 +323,5 @@ def load_checkpoint(
         "loaded %d tensors (%d skipped: attention-pool head) from %s in %.1f s",
         n_loaded, n_skipped, path, time.perf_counter() - started,
     )  # fmt: skip
-    model.quantize_seconds = quantizer.seconds
+    if quantizer.weights:
+        log.info("quantized the language model's linear weights: %s", quantizer.summary())

@@ -14,7 +14,7 @@ from .config import DeepseekVL2Config
 from .execution import Execution
 from .language import Gate, LanguageModel, RotaryTables
 from .projector import Projector
-from .quantize import QuantizedModule, QuantizeSpec, quantize_model, quantized_bytes
+from .quantize import QuantizedModule, QuantizeSpec, quantize_model
 from .vision import VisionTower
 
 log = logging.getLogger(__name__)
@@ -63,19 +63,8 @@ class DeepseekVL2(nn.Module):
         quantize_model(model, quantize)
         model.materialize(torch.device(device), dtype)
         load_checkpoint(model, path, config)
-        model.log_quantization()
         model.weights_id = checkpoint_identity(path)
         return model.eval()
-
-    def log_quantization(self) -> None:
-        if self.quantization.mode == "none":
-            return
-        before, after = quantized_bytes(self)
-        seconds = getattr(self, "quantize_seconds", 0.0)
-        log.info(
-            "quantized the language model's linear weights to %s: %.1f MiB -> %.1f MiB in %.1f s",
-            self.quantization.name, before / 2**20, after / 2**20, seconds,
-        )  # fmt: skip
 
     def set_execution(self, execution: Execution) -> None:
         """Choose how every product runs (see execution.py); every module that has a choice
@@ -88,8 +77,10 @@ class DeepseekVL2(nn.Module):
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate (uninitialised) parameters; routers stay fp32, RoPE tables are computed."""
         ours = {name: tuple(p.shape) for name, p in self.named_parameters()}
-        quantized = [(name, module) for name, module in self.named_modules() if isinstance(module, QuantizedModule)]
-        ours |= {f"{name}.{weight}": shape for name, module in quantized for weight, shape in module.quantized.items()}
+        # Quantized weights (quantize.py) are buffers in another format, but the same tensors.
+        for name, module in self.named_modules():
+            if isinstance(module, QuantizedModule):
+                ours |= {f"{name}.{weight}": shape for weight, shape in module.quantized.items()}
         expected = expected_internal_params(self.config)
         assert ours.keys() == expected.keys(), (
             f"module/format mismatch: {sorted(ours.keys() ^ expected.keys())[:5]}"

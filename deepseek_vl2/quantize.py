@@ -459,6 +459,8 @@ class StreamingQuantizer:
             if isinstance(module, QuantizedModule)
             for name, weight in module.quantized_weights().items()
         }
+        modules = [module for module in model.modules() if isinstance(module, QuantizedModule)]
+        self.spec = modules[0].spec if modules else QuantizeSpec()
         self._staged: dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, list[int]]] = {}
         self._done: set[tuple[str, tuple[int, ...]]] = set()
         self.seconds = 0.0  # spent quantizing
@@ -492,6 +494,12 @@ class StreamingQuantizer:
             self.seconds += time.perf_counter() - started
             del self._staged[key]
             self._done.add(key)
+
+    def summary(self) -> str:
+        """The mode, the bytes before (in the model dtype) and after, and the time spent quantizing."""
+        before = sum(math.prod(w.shape) * w.scale.element_size() for w in self.weights.values())
+        after = sum(w.nbytes for w in self.weights.values())
+        return f"{self.spec.name}, {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB in {self.seconds:.1f} s"
 
     def incomplete(self) -> list[str]:
         """The quantized weights not (fully) filled."""

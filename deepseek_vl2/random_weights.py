@@ -64,4 +64,3 @@ def randomize_(model: torch.nn.Module, config: DeepseekVL2Config, seed: int = 0)
         else:
             parameter_slot(params, name, config.language).normal_(mean, std, generator=generator)
     assert not quantizer.incomplete(), quantizer.incomplete()
-    model.quantize_seconds = quantizer.seconds
