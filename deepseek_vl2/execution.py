@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 
 # Quantized products of this many rows or more dequantize. Measured against products in fp32 (the
 # upcast path), 2-core Sapphire Rapids (scripts/bench_quantize.py, README Performance): the int4
-# kernel and the dequantized product cross at 100-220 rows for tiny's experts and projections and
-# about 450 for its dense MLP (int8: 80-256). Prefill's experts get about 50 rows each (kernel), its
-# dense products a whole chunk (dequantized). With products in native bf16 the crossing moves lower.
+# kernel and the dequantized product cross at about 200 rows for tiny's experts and projections and
+# 500 for its dense MLP and output head (int8: 64-256). Prefill's routed experts get about 50 rows
+# each (kernel), its other products a whole chunk (dequantized). With products in native bf16 the
+# crossing moves lower.
 DEQUANTIZE_MIN_ROWS_CPU = 256
 
 
