@@ -29,7 +29,7 @@ from deepseek_vl2.execution import Execution, Linear
 from deepseek_vl2.language import Experts, Gate
 from deepseek_vl2.quantize import (
     Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear, QuantizeSpec, QuantizedWeight, StreamingQuantizer,
-    fitting_group_size, quantize_model, quantized_bytes,
+    fitting_group_size, quantized_bytes,
 )  # fmt: skip
 from deepseek_vl2.settings import QUANTIZE_ENV, QUANTIZE_GROUP_ENV, default_quantize
 from parity import CHECKPOINTS, DEVICE, case, conversation, model_cases, model_inputs
