@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .config import DeepseekVL2Config, LanguageConfig, ProjectorConfig, VisionConfig
+from .quantize import StreamingQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,7 @@ def load_checkpoint(
 
     params = dict(model.named_parameters())
     filled = {name: 0 for name in params}
+    quantizer = StreamingQuantizer(model)
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -293,7 +295,13 @@ def load_checkpoint(
                 if name.startswith(SKIPPED_PREFIXES):
                     n_skipped += 1
                     continue
-                slot = parameter_slot(params, name, config.language)
+                target = internal_target(name, config.language)
+                # A quantized weight's region is staged in the model dtype, then quantized.
+                quantized = target.param in quantizer
+                if quantized:
+                    slot = quantizer.stage(target.param, target.index)
+                else:
+                    slot = parameter_slot(params, name, config.language)
                 if tuple(slot.shape) != shape:
                     raise CheckpointError(
                         f"tensor {name!r} ({list(shape)}) does not fit our parameter region "
@@ -301,14 +309,19 @@ def load_checkpoint(
                     )
                 with torch.no_grad():
                     slot.copy_(f.get_tensor(name))
-                filled[internal_target(name, config.language).param] += slot.numel()
+                if quantized:
+                    quantizer.commit(target.param, target.index)
+                else:
+                    filled[target.param] += slot.numel()
                 n_loaded += 1
         log.info("loaded shard %d/%d: %s", i + 1, len(by_file), file.name)
 
-    unfilled = [n for n, p in params.items() if filled[n] != p.numel()]
+    unfilled = [n for n, p in params.items() if filled[n] != p.numel()] + quantizer.incomplete()
     if unfilled:
         raise CheckpointError(f"parameter {unfilled[0]!r} was not (fully) filled from {path}")
     log.info(
         "loaded %d tensors (%d skipped: attention-pool head) from %s in %.1f s",
         n_loaded, n_skipped, path, time.perf_counter() - started,
     )  # fmt: skip
+    if quantizer.weights:
+        log.info("quantized the language model's linear weights: %s", quantizer.summary())

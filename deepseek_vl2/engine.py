@@ -26,6 +26,7 @@ from PIL import Image
 from .model import DeepseekVL2
 from .processor import Processor, ProcessorOutput
 from .prefix_cache import PrefixCache, PromptKeys, cache_budget
+from .quantize import QuantizeSpec
 from .request import Event, Progress, Request, Stage, Timings
 from .runner import ModelRunner, default_max_batch, free_memory_bytes
 from .sampling import SamplingParams
@@ -33,7 +34,7 @@ from .scheduler import Scheduler
 from .scheduler_thread import SchedulerThread
 from .settings import (
     CONCURRENCY_ENV, MAX_BATCH_ENV, PREFILL_CHUNK_ENV, PREFIX_CACHE_ENV, default_device, default_dtype,
-    env_gib, env_int,
+    default_quantize, env_gib, env_int,
 )  # fmt: skip
 from .tokenizer import StreamDecoder
 
@@ -99,7 +100,7 @@ class Engine:
         budget = cache_budget(self.device, free_memory_bytes(self.device), prefix_cache_bytes)
         self.prefix_cache = PrefixCache(budget) if budget > 0 else None
         # Cached values depend on the weights and on how they were computed.
-        self._cache_identity = f"{model.weights_id}/{str(model.dtype)}/{self.device.type}"
+        self._cache_identity = f"{model.weights_id}/{str(model.dtype)}/{self.device.type}/{model.quantization.name}"
         self.scheduler = Scheduler(
             self.runner, self.eos_id, prefill_chunk_size, vision_chunk_tiles, self.prefix_cache
         )
@@ -132,16 +133,18 @@ class Engine:
         path: str | Path,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        quantize: QuantizeSpec | None = None,
         **kwargs: Any,
     ) -> Engine:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype()
+        quantize = quantize or default_quantize()
         started = time.perf_counter()
-        model = DeepseekVL2.from_pretrained(path, device=device, dtype=dtype)
+        model = DeepseekVL2.from_pretrained(path, device=device, dtype=dtype, quantize=quantize)
         processor = Processor.from_pretrained(path)
         log.info(
-            "model ready on %s in %s after %.1f s", device, str(dtype).removeprefix("torch."),
-            time.perf_counter() - started,
+            "model ready on %s in %s (quantization: %s) after %.1f s", device, str(dtype).removeprefix("torch."),
+            quantize.name, time.perf_counter() - started,
         )  # fmt: skip
         return cls(model, processor, **kwargs)
 

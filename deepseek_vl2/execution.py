@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,18 @@ def describe(choices: dict[str, str]) -> str:
     return ",".join(f"{name}={choices[name]}" for name in CHOICES)
 
 
+if TYPE_CHECKING:
+    from .quantize import QuantizedWeight
+
+# Quantized products of this many rows or more dequantize. Measured against products in fp32 (the
+# upcast path), 2-core Sapphire Rapids (scripts/bench_quantize.py, README Performance): the int4
+# kernel and the dequantized product cross at about 200 rows for tiny's experts and projections and
+# 500 for its dense MLP and output head (int8: 64-256). Prefill's routed experts get about 50 rows
+# each (kernel), its other products a whole chunk (dequantized). With products in native bf16 the
+# crossing moves lower.
+DEQUANTIZE_MIN_ROWS_CPU = 256
+
+
 @dataclass(frozen=True)
 class Execution:
     # Experts for batches of at most this many tokens run without a host sync (0: never), by
@@ -117,6 +130,10 @@ class Execution:
     # and every expert of a prefill chunk gets its own count: padding makes them a few shapes (the
     # seed prompt's prefill, tiny, 2-core AMX Xeon: 3.7-4.0 s -> 2.2-2.6 s; multiples of 16: 2.6-2.8 s).
     native_row_multiple: int = 0
+    # Products of at least this many rows with a quantized weight (quantize.py) dequantize it into a
+    # reused buffer and run a dense product in `compute_dtype`; fewer rows run the weight's own
+    # kernel, which streams the quantized bytes (0: always the kernel).
+    dequantize_min_rows: int = 0
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype) -> Execution:
@@ -133,6 +150,7 @@ class Execution:
             upcast_min_rows=MANY_ROWS if choices["many"] == "upcast" else 0,
             fp32_attention=choices["attention"] == "fp32",
             native_row_multiple=NATIVE_ROW_MULTIPLE if choices["many"] == "native" else 0,
+            dequantize_min_rows=MANY_ROWS if choices["many"] == "native" else DEQUANTIZE_MIN_ROWS_CPU,
         )
 
     def __post_init__(self) -> None:
@@ -144,8 +162,19 @@ class Execution:
             return torch.float32
         return weight_dtype
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if not isinstance(weight, torch.Tensor):
+            if not self.dequantize_min_rows or rows < self.dequantize_min_rows:
+                return weight.linear(x, bias)
+            dtype = self.compute_dtype(rows, weight.dtype)
+            dense = weight.dequantize(dtype, scratch(weight.dense_numel, dtype, x.device))
+            if dtype == x.dtype:  # a native product: the dense path below (row padding)
+                return self.linear(x, dense, bias)
+            bias = None if bias is None else bias.to(dtype)
+            return F.linear(x.to(dtype), dense, bias).to(x.dtype)
         dtype = self.compute_dtype(rows, weight.dtype)
         if dtype != weight.dtype:
             bias = None if bias is None else bias.to(dtype)
@@ -200,6 +229,17 @@ def upcast(tensor: torch.Tensor, slot: int = 0) -> torch.Tensor:
     # head-major) would cost more than the conversion.
     strides = torch.empty_like(tensor, dtype=torch.float32, device="meta").stride()
     return buffer[: tensor.numel()].as_strided(tensor.shape, strides).copy_(tensor)
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's reusable 1-D buffer of at least `numel` values of `dtype`, valid until the next
+    call: quantized weights dequantize into it (fresh memory per product faults pages, see upcast)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (device, torch.is_inference_mode_enabled(), dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 class Linear(nn.Linear):

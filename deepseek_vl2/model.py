@@ -15,6 +15,7 @@ from .config import DeepseekVL2Config
 from .execution import Execution
 from .language import Gate, LanguageModel, RotaryTables
 from .projector import Projector
+from .quantize import QuantizedModule, QuantizeSpec, quantize_model
 from .vision import VisionTower
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class DeepseekVL2(nn.Module):
         # How products run: the device's baseline until choose_execution decides for this machine.
         self.execution = Execution()
         self.execution_decision: Decision | None = None
+        self.quantization = QuantizeSpec()  # set by quantize_model
 
     @property
     def device(self) -> torch.device:
@@ -52,12 +54,19 @@ class DeepseekVL2(nn.Module):
         dtype: torch.dtype = torch.float32,
         config: DeepseekVL2Config | None = None,
         execution: str | None = None,
+        quantize: QuantizeSpec | None = None,
     ) -> DeepseekVL2:
         """Build on the meta device, allocate straight on `device` in `dtype`, fill from disk, then
-        choose how products run (`execution`, default DEEPSEEK_VL2_EXECUTION; calibration.py)."""
+        choose how products run (`execution`, default DEEPSEEK_VL2_EXECUTION; calibration.py).
+
+        With `quantize` (quantize.py), the language model's linear weights are allocated only in
+        their quantized form and quantized tensor by tensor as they are read.
+        """
         config = config or DeepseekVL2Config.from_pretrained(path)
+        quantize = quantize or QuantizeSpec()
         with torch.device("meta"):
             model = cls(config)
+        quantize_model(model, quantize)
         model.materialize(torch.device(device), dtype)
         load_checkpoint(model, path, config)
         model.weights_id = checkpoint_identity(path)
@@ -81,6 +90,10 @@ class DeepseekVL2(nn.Module):
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate (uninitialised) parameters; routers stay fp32, RoPE tables are computed."""
         ours = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        # Quantized weights (quantize.py) are buffers in another format, but the same tensors.
+        for name, module in self.named_modules():
+            if isinstance(module, QuantizedModule):
+                ours |= {f"{name}.{weight}": shape for weight, shape in module.quantized.items()}
         expected = expected_internal_params(self.config)
         assert ours.keys() == expected.keys(), (
             f"module/format mismatch: {sorted(ours.keys() ^ expected.keys())[:5]}"
@@ -92,6 +105,8 @@ class DeepseekVL2(nn.Module):
                 setattr(module, name, nn.Parameter(empty, requires_grad=False))
             if isinstance(module, RotaryTables):
                 module.reset(device)
+            if isinstance(module, QuantizedModule):
+                module.allocate(device, dtype)
         self.set_execution(Execution.for_device(device, dtype))
 
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from .checkpoint import SKIPPED_PREFIXES, checkpoint_manifest, parameter_slot
+from .checkpoint import SKIPPED_PREFIXES, checkpoint_manifest, internal_target, parameter_slot
 from .config import DeepseekVL2Config
+from .quantize import StreamingQuantizer
 
 
 def init_distribution(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -43,12 +44,23 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator)
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, config: DeepseekVL2Config, seed: int = 0) -> None:
-    """Fill a materialised model in place, tensor by tensor, without building a checkpoint."""
+    """Fill a materialised model in place, tensor by tensor, without building a checkpoint.
+
+    Quantized weights (quantize.py) draw the same values in the model dtype, one matrix at a time,
+    and store them quantized: a quantized model never exists in the model dtype.
+    """
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    quantizer = StreamingQuantizer(model)
     for name, shape in checkpoint_manifest(config).items():
         if name.startswith(SKIPPED_PREFIXES):
             continue
         mean, std = init_distribution(name, shape)
-        parameter_slot(params, name, config.language).normal_(mean, std, generator=generator)
+        target = internal_target(name, config.language)
+        if target.param in quantizer:
+            quantizer.stage(target.param, target.index).normal_(mean, std, generator=generator)
+            quantizer.commit(target.param, target.index)
+        else:
+            parameter_slot(params, name, config.language).normal_(mean, std, generator=generator)
+    assert not quantizer.incomplete(), quantizer.incomplete()

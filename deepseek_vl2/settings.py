@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .quantize import DEFAULT_GROUP_SIZE, MODES, QuantizeSpec
 from .runner import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP
 
 MAX_BATCH_ENV = "DEEPSEEK_VL2_MAX_BATCH"
@@ -16,6 +17,8 @@ PREFILL_CHUNK_ENV = "DEEPSEEK_VL2_PREFILL_CHUNK"
 PREFIX_CACHE_ENV = "DEEPSEEK_VL2_PREFIX_CACHE_GB"
 DTYPE_ENV = "DEEPSEEK_VL2_DTYPE"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANTIZE_ENV = "DEEPSEEK_VL2_QUANTIZE"
+QUANTIZE_GROUP_ENV = "DEEPSEEK_VL2_QUANTIZE_GROUP"
 
 
 def default_device() -> torch.device:
@@ -30,6 +33,19 @@ def default_dtype() -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"{DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def default_quantize(environ: Mapping[str, str] = os.environ) -> QuantizeSpec:
+    """The language model's weight quantization: DEEPSEEK_VL2_QUANTIZE (none, int8 or int4; none
+    unless set) and, for int4, DEEPSEEK_VL2_QUANTIZE_GROUP (weights per scale, 128 unless set)."""
+    mode = environ.get(QUANTIZE_ENV, "").strip() or "none"
+    if mode not in MODES:
+        raise ValueError(f"{QUANTIZE_ENV} must be one of {', '.join(MODES)}, got {mode!r}")
+    group = env_int(QUANTIZE_GROUP_ENV, environ) or DEFAULT_GROUP_SIZE
+    try:
+        return QuantizeSpec(mode, group)
+    except ValueError as error:
+        raise ValueError(f"{QUANTIZE_GROUP_ENV}: {error}") from None
 
 
 def env_int(name: str, environ: Mapping[str, str] = os.environ) -> int | None:

@@ -12,9 +12,14 @@ every request decodes the full length.
 With --repeat-image: two different questions about the seed image, one after the other; the
 second reuses the first's image prefix from the prefix cache.
 
+With --quantize int8|int4: the language model's linear weights quantized (deepseek_vl2/quantize.py),
+built directly in quantized form one tensor at a time, so a variant too large for memory in bf16
+still runs; one mode per run, to be compared with a run of another mode.
+
 Usage: python scripts/benchmark.py [--variant tiny|small|base] [--device cpu|cuda]
        [--dtype float32|bfloat16] [--concurrency 1,2,4,8] [--text-only] [--new-tokens 64]
        [--json PATH] [--repeat-image] [--execution auto|upcast|native|many=...,few=...,attention=...]
+       [--quantize none|int8|int4]
 
 --execution says how the CPU runs its products (deepseek_vl2/execution.py): `auto` (the default)
 calibrates on this machine, any other value forces that choice. The JSON report gains "execution"
@@ -44,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, GenerationResult, Processor  # noqa: E402
+from deepseek_vl2.quantize import MODES, QuantizeSpec, quantize_model, quantized_bytes  # noqa: E402
 from deepseek_vl2.settings import DTYPES, default_device, default_dtype  # noqa: E402
 from deepseek_vl2.random_weights import randomize_  # noqa: E402
 from deepseek_vl2.runner import cache_bytes_per_row  # noqa: E402
@@ -66,10 +72,14 @@ def config_for(variant: str, processor: Processor) -> DeepseekVL2Config:
     return config
 
 
-def random_model(config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype) -> DeepseekVL2:
-    """Random weights built directly on the device: no checkpoint on disk."""
+def random_model(
+    config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype, quantize: QuantizeSpec | None = None
+) -> DeepseekVL2:
+    """Random weights built directly on the device: no checkpoint on disk. Quantized weights are
+    drawn one matrix at a time and stored quantized."""
     with torch.device("meta"):
         model = DeepseekVL2(config)
+    quantize_model(model, quantize or QuantizeSpec())
     model.materialize(device, dtype)
     randomize_(model, config, seed=0)
     return model.eval()
@@ -106,11 +116,25 @@ def measure_bandwidth(device: torch.device, dtype: torch.dtype, gib: float = 1.0
     return read, gemv
 
 
-def decode_bytes_per_token(config: DeepseekVL2Config, dtype: torch.dtype, context: int) -> int:
+def bytes_per_weight(quantize: QuantizeSpec, dtype: torch.dtype, in_features: int) -> float:
+    """Bytes a linear weight of `in_features` inputs takes per value, scales included."""
+    element = torch.finfo(dtype).bits // 8
+    if quantize.mode == "int8":
+        return 1 + element / in_features
+    if quantize.mode == "int4":
+        return 0.5 + 2 * element / quantize.group_size
+    return element
+
+
+def decode_bytes_per_token(
+    config: DeepseekVL2Config, dtype: torch.dtype, context: int, quantize: QuantizeSpec | None = None
+) -> int:
     """Weights one batch-1 decode step reads: all attention and dense weights, the router, only
-    the selected (and shared) experts, the output head; plus the KV cache up to `context`."""
+    the selected (and shared) experts, the output head; plus the KV cache up to `context`. With
+    quantization, the linear weights at their quantized size (MLA's kv_b stays in `dtype`)."""
     c = config.language
     element = torch.finfo(dtype).bits // 8
+    per_weight = bytes_per_weight(quantize or QuantizeSpec(), dtype, c.hidden_size)
     d = c.hidden_size
     if c.use_mla:
         q = d * c.num_attention_heads * c.qk_head_dim
@@ -120,17 +144,19 @@ def decode_bytes_per_token(config: DeepseekVL2Config, dtype: torch.dtype, contex
     else:
         kv = c.num_key_value_heads * c.head_dim
         attention = d * (d + 2 * kv) + d * d
-    params = 0
+    kept = c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) if c.use_mla else 0
+    params = router = 0
     for i in range(c.num_hidden_layers):
-        params += attention
+        params += attention - kept
         if c.is_moe_layer(i):
             params += 3 * d * c.moe_intermediate_size * c.num_experts_per_tok
             params += 3 * d * (c.shared_expert_width or 0)
-            params += 2 * c.n_routed_experts * d  # router (fp32)
+            router += c.n_routed_experts * d * 4  # fp32
         else:
             params += 3 * d * c.intermediate_size
     params += c.vocab_size * d  # lm_head
-    return (params + c.cache_values_per_token * context) * element
+    kept_bytes = kept * c.num_hidden_layers * element
+    return int(params * per_weight + kept_bytes + router + c.cache_values_per_token * context * element)
 
 
 def peak_rss_gib() -> float:
@@ -169,7 +195,10 @@ def run_level(engine: Engine, concurrency: int, text_only: bool, new_tokens: int
     return level, results
 
 
-def print_stages(result: GenerationResult, config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype) -> None:
+def print_stages(
+    result: GenerationResult, config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype,
+    quantize: QuantizeSpec | None = None,
+) -> None:  # fmt: skip
     t = result.timings
     print(f"single request: {result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens")
     print(f"  preprocessing       {t.preprocess_s * 1000:9.1f} ms")
@@ -178,8 +207,9 @@ def print_stages(result: GenerationResult, config: DeepseekVL2Config, device: to
     print(f"  time to first token {t.first_token_s * 1000:9.1f} ms")
     actual = t.decode_s / max(t.decode_tokens, 1)
     print(f"  decode              {t.decode_tokens_per_s:9.2f} tokens/s ({actual * 1000:.1f} ms/token)")
-    per_token = decode_bytes_per_token(config, dtype, result.prompt_tokens + len(result.token_ids) // 2)
-    print(f"  bytes per token     {per_token / 2**30:9.2f} GiB (weights read + KV cache)")
+    per_token = decode_bytes_per_token(config, dtype, result.prompt_tokens + len(result.token_ids) // 2, quantize)
+    mode = (quantize or QuantizeSpec()).name
+    print(f"  bytes per token     {per_token / 2**30:9.2f} GiB (weights read, {mode}, + KV cache)")
     for label, bandwidth in zip(("read", "gemv"), measure_bandwidth(device, dtype)):
         floor = per_token / bandwidth
         print(
@@ -219,6 +249,7 @@ def main() -> None:
     parser.add_argument("--compile", choices=["on", "off"], default=None, help="compiled decode (default: on for CUDA)")
     parser.add_argument("--json", type=Path, default=None, help="write the levels as JSON here")
     parser.add_argument("--execution", default="auto", help="auto (calibrate), upcast, native, or many=...,few=...,attention=...")
+    parser.add_argument("--quantize", choices=MODES, default="none", help="the language model's linear weights (default none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -228,11 +259,15 @@ def main() -> None:
     processor = Processor.from_pretrained(TOKENIZER)
     config = config_for(args.variant, processor)
     dtype_name = str(dtype).removeprefix("torch.")
-    print(f"variant {args.variant}: random weights on {device} in {dtype_name}")
+    quantize = QuantizeSpec(args.quantize)
+    print(f"variant {args.variant}: random weights on {device} in {dtype_name}, quantization {quantize.name}")
 
     started = time.perf_counter()
-    model = random_model(config, device, dtype)
+    model = random_model(config, device, dtype, quantize)
     print(f"  weights ready in {time.perf_counter() - started:.1f} s")
+    if quantize.mode != "none":
+        before, after = quantized_bytes(model)
+        print(f"  quantized linear weights: {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
     decision = model.choose_execution(args.execution, rows=max(levels))
     print(f"  execution ({decision.source}): {decision.summary()}")
     compile_decode = None if args.compile is None else args.compile == "on"
@@ -280,7 +315,7 @@ def main() -> None:
             f"{level['aggregate_decode_tokens_per_s'] / base['aggregate_decode_tokens_per_s']:.2f}x, "
             f"inter-token p50 {level['inter_token_s_p50'] / base['inter_token_s_p50']:.2f}x"
         )
-    print_stages(single, config, device, dtype)
+    print_stages(single, config, device, dtype, quantize)
     peak_cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     print(f"  peak RSS            {peak_rss_gib():9.2f} GiB")
     if peak_cuda is not None:
@@ -291,6 +326,7 @@ def main() -> None:
             "variant": args.variant,
             "device": str(device),
             "dtype": dtype_name,
+            "quantize": quantize.mode,
             "prompt": prompt,
             "peak_rss_gib": peak_rss_gib(),
             "peak_cuda_gib": peak_cuda,

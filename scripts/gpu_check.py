@@ -13,6 +13,10 @@ Stages, in this order (cheapest and most telling first, so that a run cut short 
                    fp32 tests/test_engine.py, then the bf16 greedy tests
   bench-compiled   as bench-eager with the decode step compiled: one CUDA graph  2-3 min a variant
                    per batch bucket (1, 2, 4, 8), compiled when the engine starts
+  parity-quantized pytest on CUDA, eager decode: tests/test_quantize.py (int8 and  1-2 min
+                   int4 logit drift and int8 greedy against bf16 on the fixtures)
+  bench-quantized  as bench-eager with the language model's linear weights in   about 2 min a mode
+                   int8, then int4 (DEEPSEEK_VL2_QUANTIZE; quantize.py)
 
 The planned times are estimates: none of this had run on a GPU when it was written. A step (one
 pytest run, one variant's configuration) starts only while enough time is left before --deadline-s
@@ -62,12 +66,13 @@ from benchmark import (  # noqa: E402
     ROOT, TOKENIZER, config_for, decode_bytes_per_token, measure_bandwidth, random_model, request, run_level,
 )  # fmt: skip
 from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, Processor  # noqa: E402
+from deepseek_vl2.quantize import QuantizeSpec, quantize_model, quantized_bytes  # noqa: E402
 from deepseek_vl2.settings import MAX_BATCH_ENV  # noqa: E402
 
 NO_CUDA_MESSAGE = "no CUDA device: gpu-check needs an NVIDIA GPU; the CPU checks are `make test`"
 EXIT_NO_CUDA = 2
 
-STAGES = ("parity-eager", "bench-eager", "parity-compiled", "bench-compiled")
+STAGES = ("parity-eager", "bench-eager", "parity-compiled", "bench-compiled", "parity-quantized", "bench-quantized")
 VARIANTS = ("tiny", "small", "base")
 PROMPTS = (("seed-image", False), ("text-only", True))  # (name, text_only) as run_level takes it
 CONCURRENCY = (1, 8)
@@ -76,7 +81,10 @@ BENCH_DTYPE = torch.bfloat16
 
 # Minimum time (s) left before the deadline for a step to start. Estimates of a step's length, not
 # measurements: a step that overruns is cut by the caller's limit, and the report shows it running.
-MIN_LEFT_S = {"parity": 60.0, "bench-eager": 60.0, "bench-compiled": 150.0}
+MIN_LEFT_S = {"parity": 60.0, "bench-eager": 60.0, "bench-compiled": 150.0, "bench-quantized": 60.0}
+# The modes bench-quantized runs, each variant in each (eager decode: compiling the quantized experts'
+# sync-free loops is untried).
+QUANTIZED_MODES = ("int8", "int4")
 PARITY_TIMEOUT_S = 240.0  # one pytest run; a hang must not take the whole budget
 OUTPUT_TAIL_CHARS = 20_000  # of each pytest run's output, kept in the report
 
@@ -150,6 +158,7 @@ PARITY_RUNS = {
         # Only the engine's tests: the logits test runs no decode step.
         ParityRun("bf16 compiled", "bfloat16", True, ("tests/test_bf16.py",), select="greedy"),
     ),
+    "parity-quantized": (ParityRun("int8/int4 eager", "bfloat16", False, ("tests/test_quantize.py",)),),
 }
 
 
@@ -221,12 +230,14 @@ def run_parity(run: ParityRun, timeout_s: float) -> dict[str, Any]:
 # ---- benchmark ----------------------------------------------------------------------------------
 
 
-def weight_bytes(config: DeepseekVL2Config, dtype: torch.dtype) -> int:
-    """The weights' bytes in `dtype` (routers stay fp32), from a model on the meta device."""
+def weight_bytes(config: DeepseekVL2Config, dtype: torch.dtype, quantize: QuantizeSpec | None = None) -> int:
+    """The weights' bytes in `dtype` (routers stay fp32; quantized weights at their quantized size,
+    on CUDA's layout), from a model on the meta device."""
     with torch.device("meta"):
         model = DeepseekVL2(config)
+    quantize_model(model, quantize or QuantizeSpec())
     model.materialize(torch.device("meta"), dtype)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + quantized_bytes(model)[1]
 
 
 def kv_cache_bytes(config: DeepseekVL2Config, rows: int, dtype: torch.dtype) -> int:
@@ -258,12 +269,12 @@ def release_memory() -> None:
 
 
 def floor_fields(
-    config: DeepseekVL2Config, level: dict[str, Any], bandwidth: dict[str, Any]
+    config: DeepseekVL2Config, level: dict[str, Any], bandwidth: dict[str, Any], quantize: QuantizeSpec | None = None
 ) -> dict[str, Any]:
     """Decode against its bandwidth floor, for a concurrency-1 level (decode_bytes_per_token counts
     a batch-1 step)."""
     context = level["prompt_tokens"] + level["new_tokens"] // 2  # mid-answer
-    step_bytes = decode_bytes_per_token(config, BENCH_DTYPE, context)
+    step_bytes = decode_bytes_per_token(config, BENCH_DTYPE, context, quantize)
     step_s = 1 / level["aggregate_decode_tokens_per_s"]
     return {
         "decode_step_gib": step_bytes / 2**30,
@@ -283,8 +294,9 @@ def bench_config(
 ) -> None:
     """Fill `record` (variant, decode) with one configuration's results; never raises."""
     compile_decode = record["decode"] == "compiled"
+    quantize = QuantizeSpec(record.get("quantize", "none"))
     config = config_for(record["variant"], processor)
-    weights, kv = weight_bytes(config, BENCH_DTYPE), kv_cache_bytes(config, MAX_BATCH, BENCH_DTYPE)
+    weights, kv = weight_bytes(config, BENCH_DTYPE, quantize), kv_cache_bytes(config, MAX_BATCH, BENCH_DTYPE)
     free, total = torch.cuda.mem_get_info(device)
     record.update(
         weights_gib=weights / 2**30, kv_cache_gib=kv / 2**30, free_gib=free / 2**30, total_gib=total / 2**30
@@ -297,7 +309,7 @@ def bench_config(
     model = engine = None
     try:
         started = time.perf_counter()
-        model = random_model(config, device, BENCH_DTYPE)
+        model = random_model(config, device, BENCH_DTYPE, quantize)
         torch.cuda.synchronize(device)
         record["build_s"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -324,7 +336,7 @@ def bench_config(
                     cached_prompt_tokens=sum(r.cached_prompt_tokens for r in results),
                 )
                 if concurrency == 1:
-                    level.update(floor_fields(config, level, bandwidth))
+                    level.update(floor_fields(config, level, bandwidth, quantize))
                 record["levels"].append(level)
                 on_level(level)
         record["decode_compiled_at_end"] = engine.runner.decode_compiled
@@ -421,7 +433,8 @@ def bench_rows(configs: Sequence[dict[str, Any]]) -> list[list[str]]:
     """One row per measured level; a configuration without levels gets one row with its status."""
     rows = []
     for c in configs:
-        head, peak = [c["variant"], c["decode"]], _number(c.get("peak_gib"), 1)
+        decode = c["decode"] if c.get("quantize", "none") == "none" else f"{c['decode']} {c['quantize']}"
+        head, peak = [c["variant"], decode], _number(c.get("peak_gib"), 1)
         if not c.get("levels"):
             rows.append(head + ["-"] * 7 + [peak, c["status"]])
             continue
@@ -520,7 +533,10 @@ def run_bench_stage(
     stage: str, variants: Sequence[str], new_tokens: int, device: torch.device, report: Report, clock: Clock
 ) -> None:
     processor = Processor.from_pretrained(TOKENIZER)
-    decode = stage.removeprefix("bench-")
+    # bench-quantized: each variant in each quantized mode, decode eager.
+    quantized = stage == "bench-quantized"
+    decode = "eager" if quantized else stage.removeprefix("bench-")
+    modes = QUANTIZED_MODES if quantized else ("none",)
 
     def on_level(level: dict[str, Any]) -> None:
         report.save()
@@ -530,8 +546,8 @@ def run_bench_stage(
             f"decode {level['aggregate_decode_tokens_per_s']:.1f} tokens/s"
         )
 
-    for variant in variants:
-        record: dict[str, Any] = {"variant": variant, "decode": decode, "status": "running"}
+    for variant, mode in [(variant, mode) for variant in variants for mode in modes]:
+        record: dict[str, Any] = {"variant": variant, "decode": decode, "quantize": mode, "status": "running"}
         report.data["bench"].append(record)
         if clock.left() < MIN_LEFT_S[stage]:
             record["status"] = f"skipped: time budget ({clock.left():.0f} s left)"
@@ -545,12 +561,12 @@ def run_bench_stage(
                 )
             report.save()
             levels = len(PROMPTS) * len(CONCURRENCY)
-            clock.say(f"{stage}: {variant}: building on the GPU, then {levels} levels")
+            clock.say(f"{stage}: {variant} ({mode}): building on the GPU, then {levels} levels")
             started = time.perf_counter()
             bench_config(record, processor, device, new_tokens, report.data["bandwidth"], on_level)
             record["seconds"] = time.perf_counter() - started
         report.save()
-        clock.say(f"{stage}: {variant}: {record['status']}")
+        clock.say(f"{stage}: {variant} ({mode}): {record['status']}")
         if "error" in record:
             print(record["error"], flush=True)
 

@@ -104,6 +104,16 @@ def test_weight_bytes_match_the_official_manifest(variant):
     assert gpu_check.weight_bytes(_config(variant), torch.bfloat16) == expected
 
 
+def test_quantized_weight_bytes_count_the_quantized_linear_weights():
+    bf16 = gpu_check.weight_bytes(_config("tiny"), torch.bfloat16)
+    int8 = gpu_check.weight_bytes(_config("tiny"), torch.bfloat16, gpu_check.QuantizeSpec("int8"))
+    int4 = gpu_check.weight_bytes(_config("tiny"), torch.bfloat16, gpu_check.QuantizeSpec("int4"))
+    # tiny's 5.54 GB of language-model linear weights shrink to half (int8: a byte a weight and a
+    # bf16 scale a row) and to 0.27 (int4: half a byte a weight, 4 bytes of scale and zero point per
+    # 128); the other 1.17 GB (vision, projector, embeddings, norms, routers) stay in bf16.
+    assert 0.58 * bf16 < int8 < 0.59 * bf16 and 0.39 * bf16 < int4 < 0.40 * bf16
+
+
 def test_kv_cache_bytes_per_row_match_the_readme():
     # README: a row of the 4096-token context is 0.25 GB for tiny (MHA keys and values of 12 layers,
     # 10 heads of 128) and 0.14 GB for base (MLA: a 512 + 64 latent for each of 30 layers).
@@ -222,10 +232,12 @@ def test_bench_rows_one_per_level_or_the_status_alone():
     configs = [
         {"variant": "tiny", "decode": "eager", "status": "ok", "peak_gib": 8.04, "levels": [level]},
         {"variant": "base", "decode": "compiled", "status": "skipped: time budget (90 s left)"},
+        {"variant": "small", "decode": "eager", "quantize": "int4", "status": "failed"},
     ]
     assert gpu_check.bench_rows(configs) == [
         ["tiny", "eager", "seed-image", "1", "1823", "0.123", "95.2", "41.0", "-", "8.0", "ok"],
         ["base", "compiled", "-", "-", "-", "-", "-", "-", "-", "-", "skipped: time budget (90 s left)"],
+        ["small", "eager int4", "-", "-", "-", "-", "-", "-", "-", "-", "failed"],
     ]
     assert all(len(row) == len(gpu_check.BENCH_HEADER) for row in gpu_check.bench_rows(configs))
 

@@ -1,0 +1,527 @@
+"""Weight-only int8 / int4 quantization of the language model's linear weights (DEEPSEEK_VL2_QUANTIZE).
+
+Decode reads every active weight once per token, so fewer bytes per weight is fewer seconds per
+token. Activations stay in the model's dtype; only the stored weights shrink:
+
+- int8: symmetric, one scale per output channel: w = q * s, q in [-127, 127].
+- int4: group-wise along the input (`group_size` weights, 128 by default) with a scale and a zero
+  point per group, in the convention of torch's int4 kernels: w = (q - 8) * s + z, q in [0, 15].
+
+Both round to nearest from the checkpoint's weights, and every weight stays within half a step of
+its original (the scale is rounded up to the stored dtype, so no weight is clipped).
+
+What is quantized (`quantize_model`): the language model's `Linear`s (attention projections, dense
+and shared MLPs, the output head) and the stacked routed experts. What is not: the vision tower,
+the projector, embeddings, norms, routers, and MLA's `kv_b_proj` (small and base), whose weight
+the absorbed decode reads whole, per head, and converts to fp32 every step. Measured on small's
+4096x512: that conversion takes 0.25 ms a layer; dequantizing an int4 copy 1.47 ms (int8 0.59 ms),
+for 3 MB (2 MB) fewer bytes read, about 0.15 ms: quantized it would cost 9-33 ms a token in all for
+113 MB saved (1.3% of small in int4).
+
+How a quantized product runs is `Execution.linear`'s choice: few rows call the weight's own kernel
+(`QuantizedWeight.linear`, which streams the quantized bytes), many rows dequantize into a reused
+buffer (`QuantizedWeight.dequantize`) and run a dense product.
+
+Kernels (measurements: scripts/bench_quantize.py, README Performance):
+- CPU int4: torch's `_weight_int4pack_mm_for_cpu` over `_convert_weight_to_int4pack_for_cpu`'s
+  layout (blocks of 64 output rows; per block, for each input column, 32 bytes whose low nibbles are
+  rows 0-31 and high nibbles rows 32-63). Output rows are padded to a multiple of 64.
+- CPU int8: torch's `_weight_int8pack_mm`.
+- CUDA int4: `_weight_int4pack_mm` over `_convert_weight_to_int4pack` (tinygemm layout, 8 inner k
+  tiles where the width allows), for every product (no dequantize path); bf16 only.
+- CUDA int8: dequantize and multiply, which torch.compile can fuse in the compiled decode step.
+- Both CUDA paths are UNVERIFIED: no GPU was available when they were written (README).
+
+Loading streams (`StreamingQuantizer`): each weight matrix is assembled in the model dtype from
+its checkpoint tensors, quantized as soon as it is complete and released, so that memory holds
+the quantized model plus one matrix in flight, never the whole bf16 model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .execution import Execution, Linear
+from .language import Experts
+
+MODES = ("none", "int8", "int4")
+DEFAULT_GROUP_SIZE = 128
+# The int4 kernels' smallest group; a group size that does not divide a matrix's input width is
+# halved until it does, down to this.
+MIN_GROUP_SIZE = 32
+# The CPU int4 kernel packs output rows in blocks of 64 (and CUDA's in blocks of 8).
+INT4_ROW_BLOCK = 64
+# Rows quantized at once: bounds the fp32 temporaries while a large matrix (the output head) is
+# quantized. A multiple of INT4_ROW_BLOCK.
+QUANTIZE_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight [*lead, out_features, in_features] stored in fewer bits. `lead` are stacked
+    experts; indexing selects among them. `Execution.linear` takes one in place of a tensor.
+
+    `data` holds the quantized values, `scale` the scales (and zero points) in `dtype`, the dtype
+    of the products: the model's.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.lead, self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scale.nbytes
+
+    def __getitem__(self, index: int | torch.Tensor) -> QuantizedWeight:
+        """One expert (an int), or several stacked (a 1-D index tensor: a gather, no host sync)."""
+        if isinstance(index, int):
+            return self.experts[index]
+        return dataclasses.replace(self, data=self.data[index], scale=self.scale[index])
+
+    @functools.cached_property
+    def experts(self) -> tuple[QuantizedWeight, ...]:
+        """Each expert's weight, built once: the grouped path indexes them on every forward."""
+        return tuple(
+            dataclasses.replace(self, data=self.data[i], scale=self.scale[i]) for i in range(self.lead[0])
+        )
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in] @ weight^T (+ bias) by the weight's own kernel, which reads the quantized bytes:
+        for products of a few rows (one weight, no lead)."""
+        rows = x.reshape(-1, self.in_features)
+        out = self._mm(rows)
+        if bias is not None:
+            out = out + bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def dense_numel(self) -> int:
+        """Values `dequantize` writes (output rows padded to the storage's)."""
+        return math.prod(self.shape)
+
+    def dequantize(self, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights [*lead, out, in] in `dtype`, written into `buffer` (1-D, at least
+        `dense_numel` values) when given."""
+        raise NotImplementedError
+
+    def store(self, lead: tuple[int, ...], weight: torch.Tensor) -> None:
+        """Quantize one matrix `weight` [out, in] into position `lead` of the storage."""
+        raise NotImplementedError
+
+
+class Int8Weight(QuantizedWeight):
+    """int8 [*lead, out, in] and one scale per output channel [*lead, out]."""
+
+    @classmethod
+    def empty(
+        cls, lead: tuple[int, ...], out_features: int, in_features: int, dtype: torch.dtype, device: torch.device
+    ) -> Int8Weight:
+        data = torch.empty(*lead, out_features, in_features, dtype=torch.int8, device=device)
+        scale = torch.empty(*lead, out_features, dtype=dtype, device=device)
+        return cls(data, scale, out_features, in_features)
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[:-2])
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda":
+            # A dequantize-and-multiply, which the compiled decode step may fuse (unverified).
+            return F.linear(x, self.data.to(x.dtype)) * self.scale
+        return torch._weight_int8pack_mm(x, self.data, self.scale)
+
+    def dequantize(self, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        scale = self.scale.to(dtype)[..., None]
+        if buffer is None:
+            return self.data.to(dtype) * scale
+        # One pass: the int8 values are converted as they are read.
+        return torch.mul(self.data, scale, out=buffer[: self.dense_numel].view(self.shape))
+
+    def store(self, lead: tuple[int, ...], weight: torch.Tensor) -> None:
+        for start in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS):
+            rows = slice(start, start + QUANTIZE_CHUNK_ROWS)
+            w = weight[rows].float()
+            scale = round_up(w.abs().amax(dim=-1) / 127, self.dtype)
+            self.scale[lead][rows] = scale
+            q = (w / scale.float()[:, None]).round_().clamp_(-127, 127)
+            self.data[lead][rows] = q.to(torch.int8)
+
+
+@dataclass(frozen=True)
+class Int4Weight(QuantizedWeight):
+    """int4 packed in the device's kernel layout, and [*lead, in / group, padded_out, 2] scales and
+    zero points. Output rows are padded (with zero weights) to the kernel's row block."""
+
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    @classmethod
+    def empty(
+        cls, lead: tuple[int, ...], out_features: int, in_features: int, dtype: torch.dtype,
+        device: torch.device, group_size: int,
+    ) -> Int4Weight:  # fmt: skip
+        padded = -(-out_features // INT4_ROW_BLOCK) * INT4_ROW_BLOCK
+        group = fitting_group_size(in_features, group_size)
+        if device.type == "cuda":
+            if dtype != torch.bfloat16:
+                raise ValueError("int4 on CUDA needs bf16 weights (torch's kernel takes bf16 only)")
+            tiles = cuda_inner_k_tiles(in_features)
+            shape = (padded // 8, in_features // (16 * tiles), 32, tiles // 2)
+            data = torch.empty(*lead, *shape, dtype=torch.int32, device=device)
+        else:
+            data = torch.empty(*lead, padded, in_features // 2, dtype=torch.uint8, device=device)
+        scale = torch.empty(*lead, in_features // group, padded, 2, dtype=dtype, device=device)
+        return cls(data, scale, out_features, in_features, group)
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        return tuple(self.scale.shape[:-3])
+
+    @property
+    def padded_out(self) -> int:
+        return self.scale.shape[-2]
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda":
+            out = torch._weight_int4pack_mm(x, self.data, self.group_size, self.scale)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.data, self.group_size, self.scale)
+        return out[:, : self.out_features] if self.padded_out != self.out_features else out
+
+    @property
+    def dense_numel(self) -> int:
+        return math.prod(self.lead) * self.padded_out * self.in_features
+
+    def dequantize(self, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights as a transposed view: the values are written as [*lead, in, out], the order
+        in which the packed bytes hold them (per input column, 32 consecutive output rows per
+        nibble), so that every write is contiguous; a product takes the transposed weight as is."""
+        if self.device.type == "cuda":
+            raise NotImplementedError("CUDA int4 runs every product with its kernel (Execution.for_device)")
+        lead, n, k, g = self.lead, self.padded_out, self.in_features, self.group_size
+        blocks, groups, half = n // INT4_ROW_BLOCK, k // g, INT4_ROW_BLOCK // 2
+        if buffer is None:
+            buffer = torch.empty(self.dense_numel, dtype=dtype, device=self.device)
+        transposed = buffer[: self.dense_numel].view(*lead, k, n)
+        nlead = len(lead)
+        # The packed bytes as [*, block, group, column in group, row in half-block].
+        packed = self.data.view(*lead, blocks, groups, g, half)
+        # w = q * s + (z - 8 s), with s and z per (group, row), in fp32 so that each weight is
+        # rounded once, when it is written in `dtype`: [*, group, block, nibble, row].
+        scale = self.scale.float().view(*lead, groups, blocks, 2, half, 2)
+        s, offset = scale[..., 0], scale[..., 1] - 8 * scale[..., 0]
+        # [*, group, block, row] -> [*, block, group, 1 (column in group), row], as `packed`.
+        as_packed = (*range(nlead), nlead + 1, nlead, nlead + 2)
+        # The output [*, in, out] as [*, group, column, block, nibble, row], reordered likewise.
+        target = transposed.view(*lead, groups, g, blocks, 2, half)
+        target_as_packed = (*range(nlead), nlead + 2, nlead, nlead + 1, nlead + 3)
+        for nibble, values in enumerate((packed & 15, packed >> 4)):
+            torch.addcmul(
+                offset[..., nibble, :].permute(as_packed)[..., None, :],
+                values,
+                s[..., nibble, :].permute(as_packed)[..., None, :],
+                out=target[..., nibble, :].permute(target_as_packed),
+            )
+        return transposed.transpose(-1, -2)[..., : self.out_features, :]
+
+    def store(self, lead: tuple[int, ...], weight: torch.Tensor) -> None:
+        n, k, g = weight.shape[0], self.in_features, self.group_size
+        data, scale = self.data[lead], self.scale[lead]
+        for start in range(0, self.padded_out, QUANTIZE_CHUNK_ROWS):
+            stop = min(start + QUANTIZE_CHUNK_ROWS, self.padded_out)
+            w = torch.zeros(stop - start, k, dtype=torch.float32, device=weight.device)
+            w[: max(min(stop, n) - start, 0)] = weight[start:stop]
+            q, s, z = quantize_int4(w, g, self.dtype)
+            scale[:, start:stop] = torch.stack([s, z], dim=-1).transpose(0, 1)
+            if self.device.type == "cuda":
+                nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+                data[start // 8 : stop // 8] = torch._convert_weight_to_int4pack(nibbles, cuda_inner_k_tiles(k))
+            else:
+                data[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def cuda_inner_k_tiles(in_features: int) -> int:
+    """The CUDA int4 layout's inner k tiles (of 16 columns): the most of 8, 4, 2 the width allows."""
+    for tiles in (8, 4, 2):
+        if in_features % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"int4 on CUDA needs an input width that is a multiple of 32, got {in_features}")
+
+
+def round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` (fp32) in `dtype`, never smaller (so that a scale covers its weights), and at least
+    the smallest normal number (so that an all-zero row divides)."""
+    rounded = values.clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    smaller = rounded.float() < values
+    return torch.where(smaller, torch.nextafter(rounded, torch.full_like(rounded, torch.inf)), rounded)
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest int4 of fp32 `w` [n, k]: q [n, k] int32 in [0, 15], and per group scales
+    and zero points [n, k / group] in `dtype`, with w ~ (q - 8) * s + z.
+
+    The zero point is rounded to `dtype` first and the scale then chosen (and rounded up) so that
+    [z - 8.5 s, z + 7.5 s] covers the group: every weight is then within half a step of its value.
+    """
+    groups = w.view(w.shape[0], -1, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    zero = (low + 8.5 * (high - low) / 16).to(dtype)
+    z = zero.float()
+    scale = round_up(torch.maximum((high - z) / 7.5, (z - low) / 8.5), dtype)
+    q = ((groups - z[..., None]) / scale.float()[..., None]).round_().add_(8).clamp_(0, 15)
+    return q.view_as(w).to(torch.int32), scale, zero
+
+
+def fitting_group_size(in_features: int, group_size: int) -> int:
+    """`group_size`, halved until it divides the input width (a group never spans two rows)."""
+    group = group_size
+    while in_features % group:
+        group //= 2
+        if group < MIN_GROUP_SIZE:
+            raise ValueError(f"no int4 group size of at least {MIN_GROUP_SIZE} divides the input width {in_features}")
+    return group
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """A quantization mode and its setting; `name` goes into cache keys and logs."""
+
+    mode: str = "none"
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"quantization must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.group_size < MIN_GROUP_SIZE or self.group_size & (self.group_size - 1):
+            raise ValueError(f"int4 group size must be a power of two >= {MIN_GROUP_SIZE}, got {self.group_size}")
+
+    @property
+    def name(self) -> str:
+        return f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
+
+    def empty(
+        self, lead: tuple[int, ...], out_features: int, in_features: int, dtype: torch.dtype, device: torch.device
+    ) -> QuantizedWeight:
+        if self.mode == "int8":
+            return Int8Weight.empty(lead, out_features, in_features, dtype, device)
+        assert self.mode == "int4"
+        return Int4Weight.empty(lead, out_features, in_features, dtype, device, self.group_size)
+
+
+class QuantizedModule(nn.Module):
+    """A module whose weights (named in `quantized`) are QuantizedWeights. Their tensors are buffers
+    `<name>_data` / `<name>_scale`, part of the module's state, allocated by `allocate` once the
+    device and dtype are known (materialisation); `module.<name>` is the QuantizedWeight over them."""
+
+    quantized: dict[str, tuple[int, ...]]  # weight name -> its shape, [*lead, out, in]
+
+    def __init__(self, spec: QuantizeSpec):
+        nn.Module.__init__(self)  # not super(): QuantizedExperts also derives from Experts
+        self.spec = spec
+        self._templates: dict[str, QuantizedWeight] = {}
+
+    def allocate(self, device: torch.device, dtype: torch.dtype) -> None:
+        for name, (*lead, out_features, in_features) in self.quantized.items():
+            weight = self.spec.empty(tuple(lead), out_features, in_features, dtype, device)
+            self._templates[name] = weight
+            self.register_buffer(f"{name}_data", weight.data)
+            self.register_buffer(f"{name}_scale", weight.scale)
+
+    def __getattr__(self, name: str):
+        templates = self.__dict__.get("_templates", {})
+        if name in templates:
+            # Over the current buffers, so the weight follows them if the module is moved; rebuilt
+            # only then (with its cached per-expert views).
+            weight, buffers = templates[name], self.__dict__["_buffers"]
+            data, scale = buffers[f"{name}_data"], buffers[f"{name}_scale"]
+            if weight.data is not data or weight.scale is not scale:
+                weight = templates[name] = dataclasses.replace(weight, data=data, scale=scale)
+            return weight
+        return super().__getattr__(name)
+
+    def quantized_weights(self) -> dict[str, QuantizedWeight]:
+        return {name: getattr(self, name) for name in self._templates}
+
+
+class QuantizedLinear(QuantizedModule):
+    """A `Linear` with a quantized weight; the bias (if any) stays in the model dtype."""
+
+    execution = Execution()
+
+    def __init__(self, linear: nn.Linear, spec: QuantizeSpec):
+        super().__init__(spec)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.quantized = {"weight": (linear.out_features, linear.in_features)}
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.execution.linear(x, self.weight, self.bias)
+
+
+class QuantizedExperts(QuantizedModule, Experts):
+    """Stacked routed experts with quantized weights. The grouped path (prefill) is `Experts`'s:
+    one product per expert that has tokens, on that expert's QuantizedWeight. The sync-free paths
+    (decode, CUDA graphs) run every product with the weight's kernel, without a host sync: `dense`
+    each expert on every token; `gathered` each (token, expert) pair on its expert's quantized bytes,
+    gathered by a device index."""
+
+    def __init__(self, experts: Experts, spec: QuantizeSpec):
+        QuantizedModule.__init__(self, spec)
+        self.quantized = {"w_gate_up": tuple(experts.w_gate_up.shape), "w_down": tuple(experts.w_down.shape)}
+
+    def forward_gathered(self, x, weights, indices) -> torch.Tensor:
+        linear = self.execution.linear
+        k = indices.shape[-1]
+        flat = indices.flatten()
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        outputs = []
+        for pair in range(flat.numel()):
+            expert = flat[pair : pair + 1]  # a one-element index tensor gathers; an int would sync
+            gate, up = linear(x[pair // k : pair // k + 1], w_gate_up[expert][0]).chunk(2, -1)
+            outputs.append(linear(F.silu(gate) * up, w_down[expert][0]))
+        return self._combine(torch.cat(outputs), weights, x.dtype)
+
+    def forward_dense(self, x, weights, indices) -> torch.Tensor:
+        linear = self.execution.linear
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        outputs = []
+        for expert in range(w_gate_up.lead[0]):
+            gate, up = linear(x, w_gate_up[expert]).chunk(2, -1)
+            outputs.append(linear(F.silu(gate) * up, w_down[expert]))
+        selected = torch.stack(outputs, dim=1)[torch.arange(x.shape[0], device=x.device)[:, None], indices]
+        return self._combine(selected.flatten(0, 1), weights, x.dtype)
+
+
+# Linears that stay in the model dtype: MLA's kv_b_proj, read whole by the absorbed decode (above).
+KEPT_LINEARS = ("kv_b_proj",)
+
+
+def quantize_model(model: nn.Module, spec: QuantizeSpec) -> None:
+    """Swap the language model's Linears (except KEPT_LINEARS) and routed experts for quantized
+    modules, before materialisation (the model is still on the meta device): nothing is allocated
+    in the model dtype for them. `model.quantization` records the spec."""
+    model.quantization = spec
+    if spec.mode == "none":
+        return
+    for name, module in list(model.language.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        if isinstance(module, Linear) and child not in KEPT_LINEARS:
+            replacement: nn.Module = QuantizedLinear(module, spec)
+        elif isinstance(module, Experts) and not isinstance(module, QuantizedExperts):
+            replacement = QuantizedExperts(module, spec)
+        else:
+            continue
+        setattr(model.language.get_submodule(parent_name), child, replacement)
+
+
+class StreamingQuantizer:
+    """Receives checkpoint tensors for a model's quantized weights, one at a time.
+
+    Each matrix (a Linear's weight, one expert's gate_up or down) is assembled in the model dtype
+    from its checkpoint tensors (`stage`, then `commit`), quantized into the module's storage as soon
+    as it is complete, and released: memory holds the quantized model plus the matrices in flight.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.weights: dict[str, QuantizedWeight] = {
+            f"{module_name}.{name}": weight
+            for module_name, module in model.named_modules()
+            if isinstance(module, QuantizedModule)
+            for name, weight in module.quantized_weights().items()
+        }
+        modules = [module for module in model.modules() if isinstance(module, QuantizedModule)]
+        self.spec = modules[0].spec if modules else QuantizeSpec()
+        self._staged: dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, list[int]]] = {}
+        self._done: set[tuple[str, tuple[int, ...]]] = set()
+        self.seconds = 0.0  # spent quantizing
+
+    def __contains__(self, param: str) -> bool:
+        return param in self.weights
+
+    def stage(self, param: str, index: tuple) -> torch.Tensor:
+        """The region (a view, to be filled) of the matrix that `index` of `param` addresses."""
+        weight = self.weights[param]
+        lead, rest = self._split(weight, index)
+        key = (param, lead)
+        if key in self._done:
+            raise ValueError(f"{param}{list(lead)} was already filled")
+        if key not in self._staged:
+            matrix = torch.empty(weight.out_features, weight.in_features, dtype=weight.dtype, device=weight.device)
+            self._staged[key] = (matrix, [0])
+        return self._staged[key][0][rest]
+
+    def commit(self, param: str, index: tuple) -> None:
+        """The region `stage` returned is filled: quantize its matrix if that completes it."""
+        weight = self.weights[param]
+        lead, rest = self._split(weight, index)
+        key = (param, lead)
+        matrix, filled = self._staged[key]
+        filled[0] += matrix[rest].numel()
+        if filled[0] == matrix.numel():
+            started = time.perf_counter()
+            with torch.no_grad():
+                weight.store(lead, matrix)
+            self.seconds += time.perf_counter() - started
+            del self._staged[key]
+            self._done.add(key)
+
+    def summary(self) -> str:
+        """The mode, the bytes before (in the model dtype) and after, and the time spent quantizing."""
+        before = sum(math.prod(w.shape) * w.scale.element_size() for w in self.weights.values())
+        after = sum(w.nbytes for w in self.weights.values())
+        return f"{self.spec.name}, {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB in {self.seconds:.1f} s"
+
+    def incomplete(self) -> list[str]:
+        """The quantized weights not (fully) filled."""
+        missing = []
+        for param, weight in self.weights.items():
+            units = {lead for name, lead in self._done if name == param}
+            if len(units) != math.prod(weight.lead):
+                missing.append(param)
+        return missing
+
+    @staticmethod
+    def _split(weight: QuantizedWeight, index: tuple) -> tuple[tuple[int, ...], tuple]:
+        n = len(weight.lead)
+        return tuple(index[:n]), tuple(index[n:])
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the quantized weights would take in the model dtype, bytes they take)."""
+    before = after = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedModule):
+            for weight in module.quantized_weights().values():
+                before += math.prod(weight.shape) * weight.scale.element_size()
+                after += weight.nbytes
+    return before, after
