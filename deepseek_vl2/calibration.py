@@ -84,34 +84,28 @@ def _interleaved_ms(runs: dict[str, Callable[[], object]], rounds: int = 3) -> d
     return best
 
 
-def _weight(model_weight: object, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """The model's own weight of this product when it is a plain tensor (no copy, no memory), else
-    (e.g. quantized) a random one of its shape."""
-    if isinstance(model_weight, torch.Tensor) and model_weight.dtype == dtype and tuple(model_weight.shape) == shape:
-        return model_weight
-    return (torch.randn(shape) * shape[1] ** -0.5).to(dtype)
+def _plain(weight: object, dtype: torch.dtype) -> torch.Tensor | None:
+    """The model's own weight when its products take the dense path that is being chosen: a plain
+    tensor in the model's dtype (a quantized one runs its own kernel, whatever the choice)."""
+    return weight if isinstance(weight, torch.Tensor) and weight.dtype == dtype else None
 
 
 def _products(model: DeepseekVL2, few_rows: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, weight) pairs of the model's own shapes: with `few_rows`, a decode step's output head, an
-    expert and an attention projection; else a vision batch's MLP product, a prefill chunk's
-    attention projection and an expert's share of the chunk."""
-    c, v, dtype = model.config.language, model.config.vision, model.dtype
-    layer = model.language.model.layers[-1]
-    d = c.hidden_size
-    projection = _weight(layer.self_attn.o_proj.weight, (d, layer.self_attn.o_proj.in_features), dtype)
-    if c.n_routed_experts and hasattr(layer.mlp, "experts"):
-        expert = _weight(layer.mlp.experts.w_gate_up[0], (2 * c.moe_intermediate_size, d), dtype)
-    else:
-        expert = _weight(getattr(getattr(layer.mlp, "gate_up", None), "weight", None), (2 * c.intermediate_size, d), dtype)
+    """(x, weight) pairs over the model's own weights, with no copy: with `few_rows`, a decode
+    step's output head, an expert and an attention projection; else a vision batch's MLP product,
+    a prefill chunk's attention projection and an expert's share of the chunk."""
+    dtype, layer = model.dtype, model.language.model.layers[-1]
+    expert = layer.mlp.experts.w_gate_up[0] if hasattr(layer.mlp, "experts") else layer.mlp.gate_up.weight
+    projection = layer.self_attn.o_proj.weight
     if few_rows is not None:
-        head = _weight(model.language.lm_head.weight, (c.vocab_size, d), dtype)
-        return [(torch.randn(few_rows, w.shape[1]).to(dtype), w) for w in (head, expert, projection)]
-    fc1 = _weight(model.vision.blocks[0].mlp.fc1.weight, (v.mlp_hidden, v.width), dtype)
+        weights = [(few_rows, model.language.lm_head.weight), (few_rows, expert), (few_rows, projection)]
+    else:
+        fc1 = model.vision.blocks[0].mlp.fc1.weight
+        weights = [(MANY_ROWS_MEASURED, fc1), (MANY_ROWS_MEASURED, projection), (EXPERT_ROWS_MEASURED, expert)]
     return [
-        (torch.randn(MANY_ROWS_MEASURED, v.width).to(dtype), fc1),
-        (torch.randn(MANY_ROWS_MEASURED, projection.shape[1]).to(dtype), projection),
-        (torch.randn(EXPERT_ROWS_MEASURED, d).to(dtype), expert),
+        (torch.randn(rows, w.shape[1]).to(dtype), w)
+        for rows, w in ((rows, _plain(w, dtype)) for rows, w in weights)
+        if w is not None
     ]
 
 
@@ -121,6 +115,8 @@ def _options(choices: dict[str, str], name: str) -> dict[str, Execution]:
 
 def _measure_products(model: DeepseekVL2, choices: dict[str, str], name: str, few_rows: int | None) -> dict[str, float]:
     products = _products(model, few_rows)
+    if not products:  # every such product of this model is quantized: nothing to choose
+        return {}
 
     def runner(execution: Execution) -> Callable[[], None]:
         return lambda: [execution.linear(x, w) for x, w in products]
@@ -197,7 +193,10 @@ def calibrate(model: DeepseekVL2, rows: int, budget_s: float = BUDGET_S) -> Deci
                 # bf16 attention is the faster one only where bf16 products are (bf16 units), and
                 # beside fp32 products it leaves the official bf16 bounds (parse_choices).
                 continue
-            timings[name] = measure()
+            measured = measure()
+            if not measured:
+                continue
+            timings[name] = measured
             baseline = timings[name][choices[name]]
             best = min(timings[name], key=timings[name].__getitem__)
             if timings[name][best] * MARGIN <= baseline:

@@ -159,3 +159,16 @@ def test_a_bad_setting_fails_loading_with_its_name(monkeypatch):
     monkeypatch.setenv(EXECUTION_ENV, "turbo")
     with pytest.raises(ValueError, match=f"{EXECUTION_ENV} must be auto, upcast, native"):
         DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mha", dtype=torch.bfloat16)
+
+
+def test_a_quantized_model_measures_only_its_dense_products():
+    from deepseek_vl2.quantize import QuantizeSpec
+
+    model = DeepseekVL2.from_pretrained(
+        CHECKPOINTS / "tiny-mla", dtype=torch.bfloat16, execution="upcast", quantize=QuantizeSpec("int8")
+    )
+    decision = calibrate(model, rows=4, budget_s=30)
+    # Every language-model product is quantized (its own kernel): only the vision tower's many-row
+    # products are left to choose for, and no dense stand-in for a quantized weight is made.
+    assert "few" not in decision.timings_ms and decision.choices["few"] == "plain"
+    assert set(decision.timings_ms["many"]) == {"upcast", "native"}
