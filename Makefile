@@ -22,7 +22,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 # Many more schedule seeds than CI (SEEDS=500: seeds 0-499; SEEDS=a-b or SEEDS=a,b,c to replay), then
-# the HTTP soak of the real server (scripts/soak.py). About half an hour on two CPU cores.
+# the HTTP soak of the real server (scripts/soak.py). About 20 minutes on two CPU cores.
 SEEDS ?= 500
 soak: venv
 	SEEDS=$(SEEDS) $(PY) -m pytest -q -s tests/test_schedules.py
