@@ -101,12 +101,12 @@ def describe(choices: dict[str, str]) -> str:
 if TYPE_CHECKING:
     from .quantize import QuantizedWeight
 
-# Quantized products of this many rows or more dequantize. Measured against products in fp32 (the
-# upcast path), 2-core Sapphire Rapids (scripts/bench_quantize.py, README Performance): the int4
-# kernel and the dequantized product cross at about 200 rows for tiny's experts and projections and
-# 500 for its dense MLP and output head (int8: 64-256). Prefill's routed experts get about 50 rows
-# each (kernel), its other products a whole chunk (dequantized). With products in native bf16 the
-# crossing moves lower.
+# Quantized products of this many rows or more dequantize when products of many rows are upcast.
+# Measured against products in fp32 (the upcast path), 2-core AVX512/AMX Xeon
+# (scripts/bench_quantize.py, README Performance): the int4 kernel and the dequantized product cross
+# at about 200 rows for tiny's experts and projections and 500 for its dense MLP and output head
+# (int8: 64-256). With native bf16 products, 2-5x faster than fp32 there, every many-row product
+# dequantizes (from MANY_ROWS; Execution.from_choices).
 DEQUANTIZE_MIN_ROWS_CPU = 256
 
 
