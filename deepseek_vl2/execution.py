@@ -213,29 +213,26 @@ _scratch = threading.local()
 
 
 def upcast(tensor: torch.Tensor, slot: int = 0) -> torch.Tensor:
-    """`tensor` in fp32, written into this thread's reusable buffer number `slot`,
+    """`tensor` in fp32, written into this thread's reusable buffer number `slot` (`scratch`),
     valid until the next call with that slot: 0 for weights, 1 and 2 for attention's keys and values.
 
     Fresh fp32 memory for every product costs 3-6x the conversion itself (page faults): 64
     expert matrices convert in 24 ms into one buffer, 83 ms into new ones.
     """
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    # Per device, and per inference mode: an inference tensor cannot be written outside it.
-    key = (tensor.device, torch.is_inference_mode_enabled(), slot)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < tensor.numel():
-        buffer = buffers[key] = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
+    buffer = scratch(tensor.numel(), torch.float32, tensor.device, slot)
     # Dense, in the source's order of dimensions: a copy that also transposes (a cache row read
     # head-major) would cost more than the conversion.
     strides = torch.empty_like(tensor, dtype=torch.float32, device="meta").stride()
-    return buffer[: tensor.numel()].as_strided(tensor.shape, strides).copy_(tensor)
+    return buffer.as_strided(tensor.shape, strides).copy_(tensor)
 
 
-def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """This thread's reusable 1-D buffer of at least `numel` values of `dtype`, valid until the next
-    call: quantized weights dequantize into it (fresh memory per product faults pages, see upcast)."""
+def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+    """This thread's reusable 1-D buffer number `slot` of at least `numel` values of `dtype`, valid
+    until the next call with that slot: weights are upcast (slot 0) or dequantized into it, never
+    both for one product. Fresh memory per product would fault its pages (see upcast)."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (device, torch.is_inference_mode_enabled(), dtype)
+    # Per device, and per inference mode: an inference tensor cannot be written outside it.
+    key = (device, torch.is_inference_mode_enabled(), dtype, slot)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)

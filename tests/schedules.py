@@ -11,7 +11,6 @@ replays exactly.
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
