@@ -109,7 +109,7 @@ class _Entry:
 
 
 class PrefixCache:
-    """LRU of KV prefixes and image embeddings within `budget_bytes`. Used by the scheduler thread
+    """LRU of KV prefixes and image embeddings within `budget_bytes`. Used by the engine thread
     only; entries are never modified after insertion, so one being copied out stays valid even
     if it is evicted meanwhile."""
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # What the scheduler reports to whoever waits on a request, in order: each new token id, then
 # None when it has finished, or the exception that failed it.
 Event = int | BaseException | None
-# Progress of the work before the first token, called on the scheduler thread after each vision
+# Progress of the work before the first token, called on the engine thread after each vision
 # batch ("vision", tiles encoded, tiles to encode) and each prefill chunk ("prefill", prompt
 # positions in the cache, prompt length).
 Progress = Callable[[str, int, int], None]

@@ -1,7 +1,7 @@
 """Continuous batching: step after step, admit a queued request into a free cache row, advance the
 request being admitted by one unit of work, and decode every running request in one batched step.
 
-Whoever owns the scheduler calls `step`: the engine's thread (scheduler_thread.py) while there is
+Whoever owns the scheduler calls `step`: the engine's thread (engine_thread.py) while there is
 work, or a test, which then decides exactly what arrives and what is cancelled before each step.
 
 A request's way through the scheduler follows its stage (request.py):

@@ -37,9 +37,10 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -60,6 +61,8 @@ SEED_IMAGE = ROOT / "tests" / "fixtures" / "images" / "vqa_1.jpg"
 SEED_PROMPT = "Describe each stage of this image in detail"
 TEXT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 FOLLOW_UP_PROMPT = "Which stage comes last, and what happens in it?"
+
+T = TypeVar("T")
 
 
 def config_for(variant: str, processor: Processor) -> DeepseekVL2Config:
@@ -114,6 +117,12 @@ def measure_bandwidth(device: torch.device, dtype: torch.dtype, gib: float = 1.0
     read = nbytes / _best_time(lambda: matrix.sum(), device)
     gemv = nbytes / _best_time(lambda: torch.nn.functional.linear(vector, matrix), device)
     return read, gemv
+
+
+def on_own_thread(job: Callable[[], T]) -> T:
+    """`job()` on a new thread, which exits when it is done."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(job).result()
 
 
 def bytes_per_weight(quantize: QuantizeSpec, dtype: torch.dtype, in_features: int) -> float:
@@ -196,7 +205,7 @@ def run_level(engine: Engine, concurrency: int, text_only: bool, new_tokens: int
 
 
 def print_stages(
-    result: GenerationResult, config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype,
+    result: GenerationResult, config: DeepseekVL2Config, dtype: torch.dtype, bandwidth: tuple[float, float],
     quantize: QuantizeSpec | None = None,
 ) -> None:  # fmt: skip
     t = result.timings
@@ -210,10 +219,10 @@ def print_stages(
     per_token = decode_bytes_per_token(config, dtype, result.prompt_tokens + len(result.token_ids) // 2, quantize)
     mode = (quantize or QuantizeSpec()).name
     print(f"  bytes per token     {per_token / 2**30:9.2f} GiB (weights read, {mode}, + KV cache)")
-    for label, bandwidth in zip(("read", "gemv"), measure_bandwidth(device, dtype)):
-        floor = per_token / bandwidth
+    for label, bytes_per_s in zip(("read", "gemv"), bandwidth):
+        floor = per_token / bytes_per_s
         print(
-            f"  {label} floor          {floor * 1000:9.1f} ms/token at {bandwidth / 2**30:.1f} GiB/s "
+            f"  {label} floor          {floor * 1000:9.1f} ms/token at {bytes_per_s / 2**30:.1f} GiB/s "
             f"measured -> decode is {actual / floor:.2f}x this floor"
         )
 
@@ -262,21 +271,31 @@ def main() -> None:
     quantize = QuantizeSpec(args.quantize)
     print(f"variant {args.variant}: random weights on {device} in {dtype_name}, quantization {quantize.name}")
 
-    started = time.perf_counter()
-    model = random_model(config, device, dtype, quantize)
-    print(f"  weights ready in {time.perf_counter() - started:.1f} s")
-    if quantize.mode != "none":
-        before, after = quantized_bytes(model)
-        print(f"  quantized linear weights: {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
-    decision = model.choose_execution(args.execution, rows=max(levels))
-    print(f"  execution ({decision.source}): {decision.summary()}")
+    # Measured first, on a thread of its own that then exits: a thread that runs torch's parallel
+    # kernels keeps its OpenMP workers, and a second set would slow the engine's (engine_thread.py).
+    bandwidth = on_own_thread(lambda: measure_bandwidth(device, dtype))
+    built: dict[str, Any] = {}
+
+    def build() -> DeepseekVL2:  # on the engine's thread, like Engine.from_pretrained
+        started = time.perf_counter()
+        model = random_model(config, device, dtype, quantize)
+        built["seconds"] = time.perf_counter() - started
+        built["decision"] = model.choose_execution(args.execution, rows=max(levels))
+        return model
+
     compile_decode = None if args.compile is None else args.compile == "on"
     # The levels send identical requests: without --repeat-image the prefix cache is off, or every
     # level after the first would measure cache hits.
     engine = Engine(
-        model, processor, max_batch=max(levels), prefill_chunk_size=args.prefill_chunk,
+        build, processor, max_batch=max(levels), prefill_chunk_size=args.prefill_chunk,
         compile_decode=compile_decode, prefix_cache_bytes=None if args.repeat_image else 0,
     )  # fmt: skip
+    model, decision = engine.model, built["decision"]
+    print(f"  weights ready in {built['seconds']:.1f} s")
+    if quantize.mode != "none":
+        before, after = quantized_bytes(model)
+        print(f"  quantized linear weights: {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
+    print(f"  execution ({decision.source}): {decision.summary()}")
     engine.scheduler.eos_id = -1  # random weights: never stop early, so every request decodes in full
     print(
         f"  KV cache: {max(levels)} rows, {cache_bytes_per_row(model) / 2**30:.3f} GiB per row "
@@ -315,7 +334,7 @@ def main() -> None:
             f"{level['aggregate_decode_tokens_per_s'] / base['aggregate_decode_tokens_per_s']:.2f}x, "
             f"inter-token p50 {level['inter_token_s_p50'] / base['inter_token_s_p50']:.2f}x"
         )
-    print_stages(single, config, device, dtype, quantize)
+    print_stages(single, config, dtype, bandwidth, quantize)
     peak_cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     print(f"  peak RSS            {peak_rss_gib():9.2f} GiB")
     if peak_cuda is not None:
