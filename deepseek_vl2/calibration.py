@@ -3,9 +3,13 @@
 Each choice is timed on products of the model's own shapes, with the same `Execution.linear` /
 `attention` code the model runs, in a budget of about 3 s. The baseline option stays unless another
 is faster by a clear margin (MARGIN), so that timing noise cannot flip a choice back and forth
-between restarts; and the decision is remembered per CPU model, torch version, thread count, dtype
-and model shape (DEEPSEEK_VL2_EXECUTION_CACHE), so that a restarted server makes the same choice
-without measuring again, and a seeded answer does not change with the machine's mood.
+between restarts; and the decision is remembered per CPU model, torch version, thread count, dtype,
+quantization and model shape (DEEPSEEK_VL2_EXECUTION_CACHE), so that a restarted server makes the
+same choice without measuring again, and a seeded answer does not change with the machine's mood.
+
+A quantized model also gets the row count from which its quantized products dequantize the weight
+and run the chosen dense product instead of the weight's own kernel (which streams the quantized
+bytes but does more work per row): the first of DEQUANTIZE_ROWS_MEASURED at which that is no slower.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .execution import CHOICES, EXECUTION_ENV, MANY_ROWS, Execution, baseline_ch
 
 if TYPE_CHECKING:
     from .model import DeepseekVL2
+    from .quantize import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,9 @@ MANY_ROWS_MEASURED = 256
 EXPERT_ROWS_MEASURED = 64
 DECODE_CONTEXT = 2048
 PREFILL_QUERIES = 256
+# Row counts at which quantized products are timed both ways (their kernel, dequantized): up to a
+# prefill chunk's 512 rows. Where even 512 rows favour the kernel, it is used up to twice that.
+DEQUANTIZE_ROWS_MEASURED = (32, 64, 128, 256, 512)
 
 
 @dataclass
@@ -51,10 +59,13 @@ class Decision:
     source: str  # "calibrated", "remembered", "forced", "gpu" or "fixed" (fp32 weights, no choice)
     timings_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # choice -> option -> ms
     seconds: float = 0.0
+    # Quantized models: rows from which a quantized product dequantizes, where measured.
+    dequantize_min_rows: int | None = None
     execution: Execution = field(default_factory=Execution)  # the setting these choices make
 
     def as_json(self) -> dict[str, Any]:
-        return {"choices": self.choices, "source": self.source, "timings_ms": self.timings_ms}
+        record = {"choices": self.choices, "source": self.source, "timings_ms": self.timings_ms}
+        return record | ({"dequantize_min_rows": self.dequantize_min_rows} if self.dequantize_min_rows else {})
 
     @property
     def spec(self) -> str:
@@ -67,6 +78,8 @@ class Decision:
             times = self.timings_ms.get(name)
             measured = ", ".join(f"{o} {ms:.1f} ms" for o, ms in times.items()) if times else ""
             parts.append(f"{name}={option}" + (f" ({measured})" if measured else ""))
+        if self.dequantize_min_rows:
+            parts.append(f"quantized products dequantize from {self.dequantize_min_rows} rows")
         return "; ".join(parts)
 
 
@@ -169,6 +182,36 @@ def _mla_attention(attention, execution: Execution, rows: int, dtype: torch.dtyp
     return run
 
 
+def _quantized_weights(model: DeepseekVL2) -> list[QuantizedWeight]:
+    """The last layer's quantized routed expert (gate and up) and attention output projection:
+    the products a prefill chunk runs most of, by bytes."""
+    layer = model.language.model.layers[-1]
+    experts = getattr(layer.mlp, "experts", None)
+    weights = [getattr(experts, "w_gate_up", None), getattr(layer.self_attn.o_proj, "weight", None)]
+    found = [w for w in weights if w is not None and not isinstance(w, torch.Tensor)]
+    return [w[0] if w.lead else w for w in found]
+
+
+def _measure_dequantize(model: DeepseekVL2, choices: dict[str, str]) -> tuple[int, dict[str, float]]:
+    """The fewest rows (of DEQUANTIZE_ROWS_MEASURED) at which dequantizing the model's own
+    quantized weights and running a dense product is no slower than their kernel, and the times."""
+    weights = _quantized_weights(model)
+    kernel = Execution.from_choices(choices, dequantize_min_rows=2**62)
+    dequantized = Execution.from_choices(choices, dequantize_min_rows=1)
+    timings: dict[str, float] = {}
+    for rows in DEQUANTIZE_ROWS_MEASURED:
+        products = [(torch.randn(rows, w.in_features).to(model.dtype), w) for w in weights]
+        runs = {
+            f"{name} {rows}": (lambda e=execution: [e.linear(x, w) for x, w in products])
+            for name, execution in (("kernel", kernel), ("dequantized", dequantized))
+        }
+        measured = _interleaved_ms(runs)
+        timings |= measured
+        if measured[f"dequantized {rows}"] <= measured[f"kernel {rows}"]:
+            return rows, timings
+    return 2 * DEQUANTIZE_ROWS_MEASURED[-1], timings
+
+
 def calibrate(model: DeepseekVL2, rows: int, budget_s: float = BUDGET_S) -> Decision:
     """Time every option of every choice that applies to the model's dtype, and keep each
     baseline unless another option is clearly faster. Choices not reached within `budget_s` keep
@@ -201,16 +244,20 @@ def calibrate(model: DeepseekVL2, rows: int, budget_s: float = BUDGET_S) -> Deci
             best = min(timings[name], key=timings[name].__getitem__)
             if timings[name][best] * MARGIN <= baseline:
                 choices[name] = best
-    return Decision(choices, "calibrated", timings, time.perf_counter() - started)
+        # After the choices: the dense product it is weighed against is the chosen one.
+        dequantize_min_rows = None
+        if _quantized_weights(model):
+            dequantize_min_rows, timings["dequantize"] = _measure_dequantize(model, choices)
+    return Decision(choices, "calibrated", timings, time.perf_counter() - started, dequantize_min_rows)
 
 
 def machine_key(model: DeepseekVL2, rows: int) -> str:
     """What a remembered decision is valid for: this CPU (model and feature flags), this torch,
-    its thread count, and the model's dtype and product shapes."""
+    its thread count, and the model's dtype, quantization and product shapes."""
     cpu = _cpu_description()
     c, v = model.config.language, model.config.vision
     shapes = (c.hidden_size, c.vocab_size, c.moe_intermediate_size, c.intermediate_size, c.use_mla, v.width, v.mlp_hidden)
-    parts = [cpu, torch.__version__, str(torch.get_num_threads()), str(model.dtype), repr(shapes), str(rows)]
+    parts = [cpu, torch.__version__, str(torch.get_num_threads()), str(model.dtype), model.quantization.name, repr(shapes), str(rows)]
     return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
 
@@ -252,7 +299,10 @@ def remembered(path: Path | None, key: str) -> Decision | None:
         return None
     if not valid:
         return None
-    return Decision(choices, "remembered", record.get("timings_ms", {}))
+    dequantize_min_rows = record.get("dequantize_min_rows")
+    if dequantize_min_rows is not None and not (isinstance(dequantize_min_rows, int) and dequantize_min_rows > 0):
+        return None
+    return Decision(choices, "remembered", record.get("timings_ms", {}), dequantize_min_rows=dequantize_min_rows)
 
 
 def remember(path: Path | None, key: str, decision: Decision) -> None:
@@ -296,7 +346,7 @@ def choose_execution(model: DeepseekVL2, spec: str | None = None, rows: int | No
         if decision is None:
             decision = calibrate(model, rows)
             remember(path, key, decision)
-    decision.execution = Execution.from_choices(decision.choices)
+    decision.execution = Execution.from_choices(decision.choices, decision.dequantize_min_rows)
     log.info(
         "execution on %s (%s): %s%s", cpu_name(), decision.source, decision.summary(),
         f"; measured in {decision.seconds:.1f} s" if decision.source == "calibrated" else "",

@@ -170,6 +170,11 @@ class Target:
 _FUSED_ROWS = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
 
 
+def _check_fits(name: str, shape: tuple[int, ...], region: tuple[int, ...]) -> None:
+    if tuple(region) != tuple(shape):
+        raise CheckpointError(f"tensor {name!r} ({list(shape)}) does not fit our parameter region {list(region)}")
+
+
 def internal_target(name: str, config: LanguageConfig) -> Target:
     """Map a checkpoint tensor name to our parameter layout (identity unless fused/stacked)."""
     expert = re.fullmatch(r"(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name)
@@ -296,22 +301,17 @@ def load_checkpoint(
                     n_skipped += 1
                     continue
                 target = internal_target(name, config.language)
-                # A quantized weight's region is staged in the model dtype, then quantized.
-                quantized = target.param in quantizer
-                if quantized:
-                    slot = quantizer.stage(target.param, target.index)
+                if target.param in quantizer:
+                    # Staged in the model dtype a block of rows at a time, then quantized.
+                    region = quantizer.region_shape(target.param, target.index)
+                    _check_fits(name, shape, region)
+                    rows = f.get_slice(name)
+                    quantizer.fill(target.param, target.index, lambda a, b, rows=rows: rows[a:b])
                 else:
                     slot = parameter_slot(params, name, config.language)
-                if tuple(slot.shape) != shape:
-                    raise CheckpointError(
-                        f"tensor {name!r} ({list(shape)}) does not fit our parameter region "
-                        f"{list(slot.shape)}"
-                    )
-                with torch.no_grad():
-                    slot.copy_(f.get_tensor(name))
-                if quantized:
-                    quantizer.commit(target.param, target.index)
-                else:
+                    _check_fits(name, shape, tuple(slot.shape))
+                    with torch.no_grad():
+                        slot.copy_(f.get_tensor(name))
                     filled[target.param] += slot.numel()
                 n_loaded += 1
         log.info("loaded shard %d/%d: %s", i + 1, len(by_file), file.name)

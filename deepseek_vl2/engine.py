@@ -30,7 +30,7 @@ from .processor import Processor, ProcessorOutput
 from .prefix_cache import PrefixCache, PromptKeys, cache_budget
 from .quantize import QuantizeSpec
 from .request import Event, Progress, Request, Stage, Timings
-from .runner import ModelRunner, default_max_batch, free_memory_bytes
+from .runner import ModelRunner, cache_bytes_per_row, default_max_batch, free_memory_bytes
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .settings import (
@@ -144,7 +144,12 @@ class Engine:
         self.runner = ModelRunner(self.model, max_batch, compile_decode)
         if prefix_cache_bytes is None:
             prefix_cache_bytes = env_gib(PREFIX_CACHE_ENV)
-        budget = cache_budget(self.device, free_memory_bytes(self.device), prefix_cache_bytes)
+        free = free_memory_bytes(self.device)
+        if self.device.type == "cpu":
+            # The KV cache's pages become resident as positions are written (language.cache_zeros):
+            # what is free now must leave room for all of it.
+            free -= max_batch * cache_bytes_per_row(self.model)
+        budget = cache_budget(self.device, free, prefix_cache_bytes)
         self.prefix_cache = PrefixCache(budget) if budget > 0 else None
         # Cached values depend on the weights and on how they were computed.
         quantization = self.model.quantization.name

@@ -101,12 +101,11 @@ def describe(choices: dict[str, str]) -> str:
 if TYPE_CHECKING:
     from .quantize import QuantizedWeight
 
-# Quantized products of this many rows or more dequantize when products of many rows are upcast.
-# Measured against products in fp32 (the upcast path), 2-core AVX512/AMX Xeon
-# (scripts/bench_quantize.py, README Performance): the int4 kernel and the dequantized product cross
-# at about 200 rows for tiny's experts and projections and 500 for its dense MLP and output head
-# (int8: 64-256). With native bf16 products, 2-5x faster than fp32 there, every many-row product
-# dequantizes (from MANY_ROWS; Execution.from_choices).
+# Quantized products of this many rows or more dequantize, unless calibration measured where the
+# weight's kernel and the dequantized product cross on this CPU (calibration.py). The crossing
+# depends on the CPU and the mode: 2-core AVX512/AMX Xeon (scripts/bench_quantize.py, README
+# Performance), tiny's experts and projections: against fp32 products (upcast) about 200 rows for
+# int4 and 64-256 for int8; against native bf16 products about 128 for int4 and 64 for int8.
 DEQUANTIZE_MIN_ROWS_CPU = 256
 
 
@@ -143,14 +142,15 @@ class Execution:
         return cls.from_choices(baseline_choices(dtype))
 
     @classmethod
-    def from_choices(cls, choices: dict[str, str]) -> Execution:
-        """The CPU setting that makes these choices (see the module's summary)."""
+    def from_choices(cls, choices: dict[str, str], dequantize_min_rows: int | None = None) -> Execution:
+        """The CPU setting that makes these choices (see the module's summary); quantized products
+        dequantize from `dequantize_min_rows` rows (default DEQUANTIZE_MIN_ROWS_CPU)."""
         return cls(
             transposed_max_rows=MANY_ROWS - 1 if choices["few"] == "transposed" else 0,
             upcast_min_rows=MANY_ROWS if choices["many"] == "upcast" else 0,
             fp32_attention=choices["attention"] == "fp32",
             native_row_multiple=NATIVE_ROW_MULTIPLE if choices["many"] == "native" else 0,
-            dequantize_min_rows=MANY_ROWS if choices["many"] == "native" else DEQUANTIZE_MIN_ROWS_CPU,
+            dequantize_min_rows=dequantize_min_rows or DEQUANTIZE_MIN_ROWS_CPU,
         )
 
     def __post_init__(self) -> None:

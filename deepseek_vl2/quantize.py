@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +60,10 @@ DEFAULT_GROUP_SIZE = 128
 MIN_GROUP_SIZE = 32
 # The CPU int4 kernel packs output rows in blocks of 64 (and CUDA's in blocks of 8).
 INT4_ROW_BLOCK = 64
-# Rows quantized at once: bounds the fp32 temporaries while a large matrix (the output head) is
-# quantized. A multiple of INT4_ROW_BLOCK.
-QUANTIZE_CHUNK_ROWS = 8192
+# Rows quantized at once, and the unit in which loading stages a matrix: bounds the memory a large
+# matrix (the output head, 316 MiB in bf16 for tiny) takes in flight to a few MiB, with its fp32
+# temporaries. A multiple of INT4_ROW_BLOCK.
+QUANTIZE_CHUNK_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,12 @@ class QuantizedWeight:
 
     def store(self, lead: tuple[int, ...], weight: torch.Tensor) -> None:
         """Quantize one matrix `weight` [out, in] into position `lead` of the storage."""
+        for start in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS):
+            self.store_rows(lead, start, weight[start : start + QUANTIZE_CHUNK_ROWS])
+
+    def store_rows(self, lead: tuple[int, ...], start: int, rows: torch.Tensor) -> None:
+        """Quantize rows start.. of the matrix at `lead` (int4: whole blocks of INT4_ROW_BLOCK
+        rows, or the matrix's last rows)."""
         raise NotImplementedError
 
 
@@ -166,14 +174,12 @@ class Int8Weight(QuantizedWeight):
         # One pass: the int8 values are converted as they are read.
         return torch.mul(self.data, scale, out=buffer[: self.dense_numel].view(self.shape))
 
-    def store(self, lead: tuple[int, ...], weight: torch.Tensor) -> None:
-        for start in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS):
-            rows = slice(start, start + QUANTIZE_CHUNK_ROWS)
-            w = weight[rows].float()
-            scale = round_up(w.abs().amax(dim=-1) / 127, self.dtype)
-            self.scale[lead][rows] = scale
-            q = (w / scale.float()[:, None]).round_().clamp_(-127, 127)
-            self.data[lead][rows] = q.to(torch.int8)
+    def store_rows(self, lead: tuple[int, ...], start: int, rows: torch.Tensor) -> None:
+        w = rows.float()
+        scale = round_up(w.abs().amax(dim=-1) / 127, self.dtype)
+        stop = start + rows.shape[0]
+        self.scale[lead][start:stop] = scale
+        self.data[lead][start:stop] = (w / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
 
 
 @dataclass(frozen=True)
@@ -252,20 +258,22 @@ class Int4Weight(QuantizedWeight):
             )
         return transposed.transpose(-1, -2)[..., : self.out_features, :]
 
-    def store(self, lead: tuple[int, ...], weight: torch.Tensor) -> None:
-        n, k, g = weight.shape[0], self.in_features, self.group_size
-        data, scale = self.data[lead], self.scale[lead]
-        for start in range(0, self.padded_out, QUANTIZE_CHUNK_ROWS):
-            stop = min(start + QUANTIZE_CHUNK_ROWS, self.padded_out)
-            w = torch.zeros(stop - start, k, dtype=torch.float32, device=weight.device)
-            w[: max(min(stop, n) - start, 0)] = weight[start:stop]
-            q, s, z = quantize_int4(w, g, self.dtype)
-            scale[:, start:stop] = torch.stack([s, z], dim=-1).transpose(0, 1)
-            if self.device.type == "cuda":
-                nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-                data[start // 8 : stop // 8] = torch._convert_weight_to_int4pack(nibbles, cuda_inner_k_tiles(k))
-            else:
-                data[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    def store_rows(self, lead: tuple[int, ...], start: int, rows: torch.Tensor) -> None:
+        # Whole row blocks: the last rows of the matrix come with the padding after them.
+        stop = start + rows.shape[0]
+        if start % INT4_ROW_BLOCK or (stop % INT4_ROW_BLOCK and stop != self.out_features):
+            raise ValueError(f"int4 rows are stored in blocks of {INT4_ROW_BLOCK}, got rows {start}..{stop}")
+        padded_stop = self.padded_out if stop == self.out_features else stop
+        k, data, scale = self.in_features, self.data[lead], self.scale[lead]
+        w = torch.zeros(padded_stop - start, k, dtype=torch.float32, device=rows.device)
+        w[: rows.shape[0]] = rows
+        q, s, z = quantize_int4(w, self.group_size, self.dtype)
+        scale[:, start:padded_stop] = torch.stack([s, z], dim=-1).transpose(0, 1)
+        if self.device.type == "cuda":
+            nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            data[start // 8 : padded_stop // 8] = torch._convert_weight_to_int4pack(nibbles, cuda_inner_k_tiles(k))
+        else:
+            data[start:padded_stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
 
 
 def cuda_inner_k_tiles(in_features: int) -> int:
@@ -447,9 +455,10 @@ def quantize_model(model: nn.Module, spec: QuantizeSpec) -> None:
 class StreamingQuantizer:
     """Receives checkpoint tensors for a model's quantized weights, one at a time.
 
-    Each matrix (a Linear's weight, one expert's gate_up or down) is assembled in the model dtype
-    from its checkpoint tensors (`stage`, then `commit`), quantized into the module's storage as soon
-    as it is complete, and released: memory holds the quantized model plus the matrices in flight.
+    A matrix (a Linear's weight, one expert's gate_up or down) is staged in the model dtype by
+    blocks of QUANTIZE_CHUNK_ROWS rows, whatever checkpoint tensors they come from; each block is
+    quantized into the module's storage as soon as it is complete, and released. Memory holds the
+    quantized model plus the blocks in flight: never a whole large matrix (the output head).
     """
 
     def __init__(self, model: nn.Module):
@@ -461,39 +470,53 @@ class StreamingQuantizer:
         }
         modules = [module for module in model.modules() if isinstance(module, QuantizedModule)]
         self.spec = modules[0].spec if modules else QuantizeSpec()
-        self._staged: dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, list[int]]] = {}
-        self._done: set[tuple[str, tuple[int, ...]]] = set()
+        # (param, lead, first row of the block) -> (the block's rows, which of them are filled)
+        self._staged: dict[tuple[str, tuple[int, ...], int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._done: set[tuple[str, tuple[int, ...], int]] = set()  # blocks quantized
         self.seconds = 0.0  # spent quantizing
 
     def __contains__(self, param: str) -> bool:
         return param in self.weights
 
-    def stage(self, param: str, index: tuple) -> torch.Tensor:
-        """The region (a view, to be filled) of the matrix that `index` of `param` addresses."""
+    def region_shape(self, param: str, index: tuple) -> tuple[int, ...]:
+        """The shape of the rows that `index` of `param` addresses."""
         weight = self.weights[param]
-        lead, rest = self._split(weight, index)
-        key = (param, lead)
-        if key in self._done:
-            raise ValueError(f"{param}{list(lead)} was already filled")
-        if key not in self._staged:
-            matrix = torch.empty(weight.out_features, weight.in_features, dtype=weight.dtype, device=weight.device)
-            self._staged[key] = (matrix, [0])
-        return self._staged[key][0][rest]
+        first, stop = self._rows(weight, index)
+        return (stop - first, weight.in_features)
 
-    def commit(self, param: str, index: tuple) -> None:
-        """The region `stage` returned is filled: quantize its matrix if that completes it."""
+    def fill(self, param: str, index: tuple, read: Callable[[int, int], torch.Tensor]) -> None:
+        """Fill the rows that `index` of `param` addresses; `read(a, b)` gives rows a..b-1 of that
+        region. Read block by block; each block of the matrix is quantized once complete."""
         weight = self.weights[param]
-        lead, rest = self._split(weight, index)
-        key = (param, lead)
-        matrix, filled = self._staged[key]
-        filled[0] += matrix[rest].numel()
-        if filled[0] == matrix.numel():
-            started = time.perf_counter()
+        lead = tuple(index[: len(weight.lead)])
+        first, stop = self._rows(weight, index)
+        block_rows = QUANTIZE_CHUNK_ROWS
+        for block in range(first // block_rows * block_rows, stop, block_rows):
+            lo, hi = max(first, block), min(stop, block + block_rows)
+            key = (param, lead, block)
+            staged = self._staged.get(key)
+            if key in self._done or (staged is not None and staged[1][lo - block : hi - block].any()):
+                raise ValueError(f"rows {lo}..{hi - 1} of {param}{list(lead)} were already filled")
+            if staged is None:
+                rows = min(block_rows, weight.out_features - block)
+                buffer = torch.empty(rows, weight.in_features, dtype=weight.dtype, device=weight.device)
+                staged = self._staged[key] = (buffer, torch.zeros(rows, dtype=torch.bool))
+            buffer, filled = staged
             with torch.no_grad():
-                weight.store(lead, matrix)
-            self.seconds += time.perf_counter() - started
-            del self._staged[key]
-            self._done.add(key)
+                buffer[lo - block : hi - block] = read(lo - first, hi - first)
+            filled[lo - block : hi - block] = True
+            if filled.all():
+                started = time.perf_counter()
+                with torch.no_grad():
+                    weight.store_rows(lead, block, buffer)
+                self.seconds += time.perf_counter() - started
+                del self._staged[key]
+                self._done.add(key)
+
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes of the blocks in flight."""
+        return sum(buffer.nbytes for buffer, _ in self._staged.values())
 
     def summary(self) -> str:
         """The mode, the bytes before (in the model dtype) and after, and the time spent quantizing."""
@@ -503,17 +526,23 @@ class StreamingQuantizer:
 
     def incomplete(self) -> list[str]:
         """The quantized weights not (fully) filled."""
-        missing = []
-        for param, weight in self.weights.items():
-            units = {lead for name, lead in self._done if name == param}
-            if len(units) != math.prod(weight.lead):
-                missing.append(param)
-        return missing
+        done: dict[str, int] = {}
+        for param, _, _ in self._done:
+            done[param] = done.get(param, 0) + 1
+        blocks = lambda w: math.prod(w.lead) * -(-w.out_features // QUANTIZE_CHUNK_ROWS)  # noqa: E731
+        return [param for param, weight in self.weights.items() if done.get(param, 0) != blocks(weight)]
 
     @staticmethod
-    def _split(weight: QuantizedWeight, index: tuple) -> tuple[tuple[int, ...], tuple]:
-        n = len(weight.lead)
-        return tuple(index[:n]), tuple(index[n:])
+    def _rows(weight: QuantizedWeight, index: tuple) -> tuple[int, int]:
+        """The matrix rows [first, stop) that `index` addresses after the weight's lead: all of
+        them, or a slice of rows (fused projections, an expert's gate or up half)."""
+        rest = index[len(weight.lead) :]
+        if not rest:
+            return 0, weight.out_features
+        if len(rest) == 1 and isinstance(rest[0], slice) and rest[0].step in (None, 1):
+            first, stop, _ = rest[0].indices(weight.out_features)
+            return first, stop
+        raise ValueError(f"a quantized weight is filled by whole rows, got index {index}")
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:

@@ -59,8 +59,15 @@ def randomize_(model: torch.nn.Module, config: DeepseekVL2Config, seed: int = 0)
         mean, std = init_distribution(name, shape)
         target = internal_target(name, config.language)
         if target.param in quantizer:
-            quantizer.stage(target.param, target.index).normal_(mean, std, generator=generator)
-            quantizer.commit(target.param, target.index)
+            # Drawn a block of rows at a time: the same values as one draw over the region (the
+            # generator's stream is consumed in order), which the unquantized model gets.
+            weight = quantizer.weights[target.param]
+
+            def draw(a: int, b: int) -> torch.Tensor:
+                rows = torch.empty(b - a, weight.in_features, dtype=weight.dtype, device=device)
+                return rows.normal_(mean, std, generator=generator)
+
+            quantizer.fill(target.param, target.index, draw)
         else:
             parameter_slot(params, name, config.language).normal_(mean, std, generator=generator)
     assert not quantizer.incomplete(), quantizer.incomplete()

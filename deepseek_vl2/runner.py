@@ -26,6 +26,12 @@ GPU_MAX_BATCH_CAP = 16  # larger batches help little more per step and each buck
 CPU_DEFAULT_MAX_BATCH = 4
 
 
+# Tiles the vision tower encodes at once on the CPU. Its activations grow with the batch, while one
+# tile's 729 rows already keep the products busy: the seed image's 9 tiles (tiny, bf16, 2-core
+# AVX512 Xeon) took 7.0 s in one batch and 6.5 s in batches of 3, with a peak 0.21 GiB lower.
+CPU_VISION_TILES_AT_ONCE = 3
+
+
 def cache_bytes_per_row(model: DeepseekVL2) -> int:
     """Bytes of one KV-cache row holding the whole context."""
     c = model.config.language
@@ -124,7 +130,11 @@ class ModelRunner:
         return self._compiled_decode is not None
 
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_tiles(tiles)
+        """The vision features of `tiles`, on the CPU encoded CPU_VISION_TILES_AT_ONCE at a time."""
+        step = CPU_VISION_TILES_AT_ONCE if self.model.device.type == "cpu" else tiles.shape[0]
+        if tiles.shape[0] <= step:
+            return self.model.encode_tiles(tiles)
+        return torch.cat([self.model.encode_tiles(tiles[i : i + step]) for i in range(0, tiles.shape[0], step)])
 
     def image_spans(
         self, inputs: ProcessorOutput, images: list[int], features: torch.Tensor

@@ -12,7 +12,9 @@ import torch
 from deepseek_vl2 import DeepseekVL2
 from deepseek_vl2 import calibration
 from deepseek_vl2.calibration import MARGIN, calibrate, choose_execution, machine_key
-from deepseek_vl2.execution import CHOICES, EXECUTION_ENV, Execution, describe, parse_choices, valid_choices
+from deepseek_vl2.execution import (
+    CHOICES, DEQUANTIZE_MIN_ROWS_CPU, EXECUTION_ENV, Execution, describe, parse_choices, valid_choices,
+)  # fmt: skip
 from parity import CHECKPOINTS
 
 
@@ -172,3 +174,34 @@ def test_a_quantized_model_measures_only_its_dense_products():
     # products are left to choose for, and no dense stand-in for a quantized weight is made.
     assert "few" not in decision.timings_ms and decision.choices["few"] == "plain"
     assert set(decision.timings_ms["many"]) == {"upcast", "native"}
+    # Its quantized products' crossing was measured, from the first row count timed.
+    assert decision.dequantize_min_rows in (*calibration.DEQUANTIZE_ROWS_MEASURED, 2 * calibration.DEQUANTIZE_ROWS_MEASURED[-1])
+    assert set(decision.timings_ms["dequantize"]) >= {"kernel 32", "dequantized 32"}
+
+
+def test_quantized_products_dequantize_from_the_measured_crossing_which_is_remembered(monkeypatch, tmp_path):
+    from deepseek_vl2.quantize import QuantizeSpec
+
+    model = DeepseekVL2.from_pretrained(
+        CHECKPOINTS / "tiny-mla", dtype=torch.bfloat16, execution="upcast", quantize=QuantizeSpec("int4")
+    )
+    monkeypatch.setenv(calibration.CACHE_ENV, str(tmp_path / "execution.json"))
+
+    def measured(runs, rounds=3):  # the kernel is slower than dequantizing from 128 rows on
+        if not all(name.startswith(("kernel ", "dequantized ")) for name in runs):
+            return dict.fromkeys(runs, 1.0)
+        rows = int(next(iter(runs)).split()[1])
+        return {f"kernel {rows}": float(rows), f"dequantized {rows}": 100.0}
+
+    monkeypatch.setattr(calibration, "_interleaved_ms", measured)
+    decision = model.choose_execution("auto", rows=4)
+    assert decision.dequantize_min_rows == 128 and model.execution.dequantize_min_rows == 128
+    assert "quantized products dequantize from 128 rows" in decision.summary()
+    monkeypatch.setattr(calibration, "_interleaved_ms", lambda *a, **k: pytest.fail("measured again"))
+    again = choose_execution(model, "auto", rows=4)
+    assert again.source == "remembered" and again.execution == decision.execution
+    # The same model unquantized is another key: its decision says nothing of quantized products.
+    bf16 = DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mla", dtype=torch.bfloat16, execution="upcast")
+    assert machine_key(bf16, 4) != machine_key(model, 4)
+    # Forced choices are not measured: quantized products take the default crossing.
+    assert choose_execution(model, "native").execution.dequantize_min_rows == DEQUANTIZE_MIN_ROWS_CPU

@@ -24,12 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepseek_vl2 import DeepseekVL2, Engine, Processor
+from deepseek_vl2 import DeepseekVL2, Engine, Processor, quantize
 from deepseek_vl2.execution import Execution, Linear
 from deepseek_vl2.language import Experts, Gate
 from deepseek_vl2.quantize import (
     Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear, QuantizeSpec, QuantizedWeight, StreamingQuantizer,
-    fitting_group_size, quantized_bytes,
+    fitting_group_size, quantize_model, quantized_bytes,
 )  # fmt: skip
 from deepseek_vl2.settings import QUANTIZE_ENV, QUANTIZE_GROUP_ENV, default_quantize
 from parity import CHECKPOINTS, DEVICE, conversation, model_cases, model_inputs
@@ -282,27 +282,60 @@ def test_only_the_language_models_linear_weights_are_quantized(bf16_models, quan
     assert model.quantization.name == "int4-g128"
 
 
-def test_loading_quantizes_the_checkpoints_weights_one_matrix_at_a_time(bf16_models, monkeypatch):
-    staged_bytes: list[int] = []
-    original = StreamingQuantizer.stage
+def test_loading_quantizes_the_checkpoints_weights_a_block_of_rows_at_a_time(bf16_models, monkeypatch):
+    monkeypatch.setattr(quantize, "QUANTIZE_CHUNK_ROWS", quantize.INT4_ROW_BLOCK)  # 64: the head has 10 blocks
+    in_flight: list[int] = []
+    original = StreamingQuantizer.fill
 
-    def recording_stage(self, param, index):
-        view = original(self, param, index)
-        staged_bytes.append(sum(matrix.nbytes for matrix, _ in self._staged.values()))
-        return view
+    def recording_fill(self, param, index, read):
+        def recorded_read(a, b):
+            rows = read(a, b)
+            in_flight.append(self.staged_bytes)
+            return rows
 
-    monkeypatch.setattr(StreamingQuantizer, "stage", recording_stage)
+        original(self, param, index, recorded_read)
+
+    monkeypatch.setattr(StreamingQuantizer, "fill", recording_fill)
     loaded = DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mha", DEVICE, torch.bfloat16, quantize=SPECS["int4"])
     bf16 = bf16_models["tiny-mha"]
-    # At most the largest fused matrix (q/k/v, read as three tensors) is in flight, never the model.
-    largest = max(p.nbytes for p in bf16.language.parameters() if p.dim() == 2)
-    assert staged_bytes and max(staged_bytes) <= largest
+    # Never a whole large matrix in flight: at most two blocks (q/k/v and an expert's gate and up
+    # come as separate tensors), each of 64 rows.
+    widest = max(p.shape[1] for p in bf16.language.parameters() if p.dim() == 2)
+    head = bf16.language.lm_head.weight
+    assert in_flight and max(in_flight) <= 2 * 64 * widest * 2 < head.nbytes
     # The same as quantizing the bf16 model's (loaded) weights directly.
     direct = quantized(SPECS["int4"], bf16.language.model.layers[2].mlp.experts.w_gate_up)
     assert torch.equal(loaded.language.model.layers[2].mlp.experts.w_gate_up.data, direct.data)
     assert torch.equal(loaded.language.model.layers[2].mlp.experts.w_gate_up.scale, direct.scale)
     head = quantized(SPECS["int4"], bf16.language.lm_head.weight)
     assert torch.equal(loaded.language.lm_head.weight.data, head.data)
+    assert torch.equal(loaded.language.lm_head.weight.scale, head.scale)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_streamed_blocks_in_any_order_give_the_matrix_quantized_whole(name, monkeypatch):
+    monkeypatch.setattr(quantize, "QUANTIZE_CHUNK_ROWS", 64)
+    weight = awkward_weight(200, 256)  # 200 rows: blocks of 64, 64, 64 and 8 (int4 pads to 256)
+    model = torch.nn.Module()
+    model.language = torch.nn.Module()
+    model.language.head = Linear(256, 200, bias=False)
+    quantize_model(model, SPECS[name])
+    model.language.head.allocate(torch.device("cpu"), torch.bfloat16)
+    streaming = StreamingQuantizer(model)
+    param = "language.head.weight"
+    source = weight.bfloat16()
+    # The region of rows 100..199 first, read in two pieces, then rows 0..99: blocks complete out of order.
+    streaming.fill(param, (slice(100, 200),), lambda a, b: source[100 + a : 100 + b])
+    assert streaming.incomplete() == [param] and streaming.staged_bytes == 64 * 256 * 2  # the block at 64
+    with pytest.raises(ValueError, match="already filled"):
+        streaming.fill(param, (slice(150, 160),), lambda a, b: source[150 + a : 150 + b])
+    streaming.fill(param, (slice(0, 100),), lambda a, b: source[a:b])
+    assert streaming.incomplete() == [] and streaming.staged_bytes == 0
+    whole = quantized(SPECS[name], source)
+    stored = model.language.head.weight
+    assert torch.equal(stored.data, whole.data) and torch.equal(stored.scale, whole.scale)
+    with pytest.raises(ValueError, match="whole rows"):
+        streaming.region_shape(param, (slice(0, 10), slice(0, 5)))
 
 
 def test_the_knob(monkeypatch):

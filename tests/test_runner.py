@@ -10,7 +10,7 @@ import torch
 
 from deepseek_vl2 import DeepseekVL2, Processor
 from deepseek_vl2.execution import Execution
-from deepseek_vl2.runner import ModelRunner, batch_buckets
+from deepseek_vl2.runner import CPU_VISION_TILES_AT_ONCE, ModelRunner, batch_buckets
 from parity import CHECKPOINTS, case, conversation
 
 # The fixtures' config.json sets a 4096-token context; fp32 paths agree to rounding.
@@ -156,3 +156,19 @@ def test_compiled_decode_on_the_cuda_path_gives_the_eager_tokens(models, experts
         assert compiled == eager + eager[:1]
     finally:
         model.set_execution(Execution.for_device(model.device, model.dtype))
+
+
+def test_the_cpu_encodes_a_few_tiles_at_a_time_with_the_same_features(models, monkeypatch):
+    model = models["tiny-mla"]
+    inputs, _ = prompt(model, "tiny-mla/m_one")
+    tiles = inputs.pixel_values[0]
+    assert tiles.shape[0] > CPU_VISION_TILES_AT_ONCE
+    runner = ModelRunner(model, 1)
+    with torch.inference_mode():
+        whole = model.encode_tiles(tiles)
+        batches: list[int] = []
+        encode = model.encode_tiles
+        monkeypatch.setattr(model, "encode_tiles", lambda t: batches.append(t.shape[0]) or encode(t))
+        features = runner.encode_tiles(tiles)
+    assert max(batches) == CPU_VISION_TILES_AT_ONCE and sum(batches) == tiles.shape[0]
+    torch.testing.assert_close(features, whole, atol=ATOL, rtol=0)
