@@ -252,8 +252,9 @@ def collect(events: list) -> list[int]:
 
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
-    """Steps driven from the test's thread: one intra-op thread keeps them quick on a shared CPU,
-    where two spinning threads wait on each other (10x slower here)."""
+    """Steps driven from the test's thread: one intra-op thread keeps them quick. The test process
+    has other threads with OpenMP worker pools, and with more workers than cores libgomp puts them
+    to sleep after every parallel region (engine_thread.py): two threads ran about 10x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

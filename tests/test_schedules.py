@@ -33,8 +33,9 @@ TOTAL = Stats()
 
 @pytest.fixture(scope="module", autouse=True)
 def quiet_single_thread() -> Iterator[None]:
-    """One intra-op thread (on a shared CPU two spinning threads wait on each other, 10x slower),
-    and the engine's per-request INFO/WARNING lines off: thousands of requests."""
+    """One intra-op thread (with other threads of the test process holding OpenMP worker pools,
+    two threads run about 10x slower: engine_thread.py), and the engine's per-request INFO/WARNING
+    lines off: thousands of requests."""
     threads, logger = torch.get_num_threads(), logging.getLogger("deepseek_vl2")
     level = logger.level
     torch.set_num_threads(1)
