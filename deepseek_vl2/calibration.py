@@ -14,6 +14,7 @@ bytes but does more work per row): the first of DEQUANTIZE_ROWS_MEASURED at whic
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -196,8 +197,9 @@ def _measure_dequantize(model: DeepseekVL2, choices: dict[str, str]) -> tuple[in
     """The fewest rows (of DEQUANTIZE_ROWS_MEASURED) at which dequantizing the model's own
     quantized weights and running a dense product is no slower than their kernel, and the times."""
     weights = _quantized_weights(model)
-    kernel = Execution.from_choices(choices, dequantize_min_rows=2**62)
-    dequantized = Execution.from_choices(choices, dequantize_min_rows=1)
+    chosen = Execution.from_choices(choices)
+    kernel = dataclasses.replace(chosen, dequantize_min_rows=0)  # 0: always the weight's kernel
+    dequantized = dataclasses.replace(chosen, dequantize_min_rows=1)
     timings: dict[str, float] = {}
     for rows in DEQUANTIZE_ROWS_MEASURED:
         products = [(torch.randn(rows, w.in_features).to(model.dtype), w) for w in weights]

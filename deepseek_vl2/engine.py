@@ -330,7 +330,7 @@ class Engine:
         progress: Progress | None = None,
     ) -> Request:
         """Prepare a request in the caller's thread and queue it; `notify` gets its events from
-        the scheduler's thread (or, with `threaded=False`, from whoever steps it)."""
+        the engine's thread (or, with `threaded=False`, from whoever steps it)."""
         request = self._prepare(messages, images, max_new_tokens, params, notify, progress)
         self._submit(request)
         return request
