@@ -78,7 +78,7 @@ def test_a_failing_build_stops_the_engine_thread():
 # Run in a fresh process: the test process's own threads have long since started OpenMP pools.
 OPENMP_WORKERS = textwrap.dedent(
     """
-    import asyncio, os, sys, threading
+    import asyncio, os, sys, threading, time
     import torch
     from deepseek_vl2 import Engine
     from parity import case, conversation
@@ -101,6 +101,11 @@ OPENMP_WORKERS = textwrap.dedent(
             )
 
         asyncio.run(both())
+        # asyncio's worker threads have just left threading.enumerate() but may not have exited
+        # yet: wait for them. OpenMP workers stay as long as the thread that started them.
+        deadline = time.monotonic() + 10
+        while len(workers() - before) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
         print(len(workers() - before))
     """
 )
