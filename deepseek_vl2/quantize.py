@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -526,11 +527,12 @@ class StreamingQuantizer:
 
     def incomplete(self) -> list[str]:
         """The quantized weights not (fully) filled."""
-        done: dict[str, int] = {}
-        for param, _, _ in self._done:
-            done[param] = done.get(param, 0) + 1
-        blocks = lambda w: math.prod(w.lead) * -(-w.out_features // QUANTIZE_CHUNK_ROWS)  # noqa: E731
-        return [param for param, weight in self.weights.items() if done.get(param, 0) != blocks(weight)]
+        done = Counter(param for param, _, _ in self._done)
+        return [
+            param
+            for param, weight in self.weights.items()
+            if done[param] != math.prod(weight.lead) * -(-weight.out_features // QUANTIZE_CHUNK_ROWS)
+        ]
 
     @staticmethod
     def _rows(weight: QuantizedWeight, index: tuple) -> tuple[int, int]:
