@@ -18,8 +18,16 @@ $(VENV_STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
+# The whole suite at the CPU's own kernel level, then the tests whose results can depend on the
+# level (marked kernel_level) once more under each lower level this CPU runs: default and avx2 on
+# an AVX512 machine, default on an AVX2 one (tests/kernel_levels.py, which also caps oneDNN and MKL
+# at that level's instructions).
 test: venv
 	$(PY) -m pytest -q tests
+	@$(PY) tests/kernel_levels.py --others | while read -r settings; do \
+		echo "== tests marked kernel_level, under $$settings"; \
+		env $$settings $(PY) -m pytest -q -m kernel_level tests || exit 1; \
+	done
 
 # Many more schedule seeds than CI (SEEDS=500: seeds 0-499; SEEDS=a-b or SEEDS=a,b,c to replay), then
 # the HTTP soak of the real server (scripts/soak.py). About 20 minutes on two CPU cores.
