@@ -345,6 +345,10 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _malformed(record: object) -> str | None:
     """What is wrong with a stored record's fields, or None when each has the right type."""
     if not isinstance(record, dict):
@@ -353,13 +357,12 @@ def _malformed(record: object) -> str | None:
     if not (isinstance(choices, dict) and set(choices) == set(CHOICES) and all(choices[n] in CHOICES[n] for n in CHOICES)):
         return f"its choices {choices!r} are not one option of each of {', '.join(CHOICES)}"
     timings = record.get("timings_ms", {})
-    if not (
-        isinstance(timings, dict)
-        and all(isinstance(t, dict) and all(isinstance(o, str) and _is_number(ms) for o, ms in t.items()) for t in timings.values())
+    if not isinstance(timings, dict) or not all(
+        isinstance(t, dict) and all(isinstance(o, str) and _is_number(ms) for o, ms in t.items()) for t in timings.values()
     ):
         return "its timings_ms are not milliseconds per option"
     rows = record.get("dequantize_min_rows")
-    if rows is not None and not (isinstance(rows, int) and not isinstance(rows, bool) and rows > 0):
+    if rows is not None and not (_is_count(rows) and rows > 0):
         return f"its dequantize_min_rows {rows!r} is not a positive row count"
     if not isinstance(record.get("level", ""), str):
         return "its level is not a name"
@@ -385,14 +388,13 @@ def remembered(path: Path | None, key: str, problems: list[str] | None = None) -
     record = records.get(key)
     if record is None:
         return None
-    if isinstance(record, dict):
-        scheme = record.get("scheme")
-        if scheme is None or (isinstance(scheme, int) and not isinstance(scheme, bool) and scheme != SCHEME_VERSION):
-            log.info("execution calibration: the decision in %s is of scheme %s, not %d; measuring again", path, scheme, SCHEME_VERSION)
-            return None
-        if not (isinstance(scheme, int) and not isinstance(scheme, bool)):
+    scheme = record.get("scheme") if isinstance(record, dict) else SCHEME_VERSION
+    if not (_is_count(scheme) and scheme == SCHEME_VERSION):
+        if scheme is not None and not _is_count(scheme):
             _problem(problems, f"the decision in {path} has scheme {scheme!r}, not a number; measuring again")
-            return None
+        else:  # written before schemes, or by another: not trusted, and not a fault
+            log.info("execution calibration: the decision in %s is of scheme %s, not %d; measuring again", path, scheme, SCHEME_VERSION)
+        return None
     wrong = _malformed(record)
     if wrong is not None:
         _problem(problems, f"the decision in {path} is malformed ({wrong}); measuring again")

@@ -266,7 +266,7 @@ def test_the_key_holds_the_kernel_level_the_attention_shapes_the_batch_and_the_s
 
 
 @pytest.mark.parametrize("scheme", [None, 1, "mixed"], ids=["no scheme", "older scheme", "scheme not a number"])
-def test_a_record_of_another_scheme_is_measured_again(bf16_model, monkeypatch, tmp_path, scheme):
+def test_a_record_of_another_scheme_is_measured_again(bf16_model, monkeypatch, tmp_path, caplog, scheme):
     store = tmp_path / "execution.json"
     monkeypatch.setenv(calibration.CACHE_ENV, str(store))
     fake_timings(monkeypatch, QUICK)
@@ -281,8 +281,11 @@ def test_a_record_of_another_scheme_is_measured_again(bf16_model, monkeypatch, t
     stale = {"choices": {"many": "native", "few": "transposed", "attention": "native"}, "timings_ms": {}}
     stale |= {} if scheme is None else {"scheme": scheme}
     store.write_text(json.dumps({key: stale}))
+    caplog.clear()
     again = choose_execution(bf16_model, "auto", rows=4)
     assert again.source == "calibrated" and again.choices == first.choices
+    # An older scheme is no fault (no warning); a scheme that is not a number is one warning.
+    assert len(memory_problems(caplog)) == (1 if scheme == "mixed" else 0), caplog.text
     assert json.loads(store.read_text())[key]["scheme"] == calibration.SCHEME_VERSION
 
 
@@ -356,6 +359,7 @@ BAD_MEMORIES = {
     "a list": "[1, 2]",
     "a record not an object": "KEY: [1]",
     "choices a list": 'KEY: {"scheme": SCHEME, "choices": ["native"]}',
+    "scheme a float": 'KEY: {"scheme": SCHEME.0, "choices": CHOICES}',
     "timings strings": 'KEY: {"scheme": SCHEME, "choices": CHOICES, "timings_ms": {"many": {"native": "fast"}}}',
     "timings a number": 'KEY: {"scheme": SCHEME, "choices": CHOICES, "timings_ms": 3}',
     "rows a string": 'KEY: {"scheme": SCHEME, "choices": CHOICES, "dequantize_min_rows": "128"}',
