@@ -326,10 +326,13 @@ def cache_path(problems: list[str] | None = None) -> Path | None:
     if value is not None:
         return Path(value).expanduser() if value.strip() else None
     try:
-        return Path.home() / DEFAULT_CACHE_UNDER_HOME
+        home = Path.home()
+        if not home.is_absolute():  # HOME=relative: not a place to write beside the working directory
+            raise RuntimeError(f"HOME is {str(home)!r}, not an absolute path")
     except (RuntimeError, KeyError, OSError) as error:  # RuntimeError: no home directory known
         _problem(problems, f"no home directory for the remembered decisions ({error}); set {CACHE_ENV}")
         return None
+    return home / DEFAULT_CACHE_UNDER_HOME
 
 
 def _problem(problems: list[str] | None, message: str) -> None:

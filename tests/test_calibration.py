@@ -422,6 +422,11 @@ def test_an_unreadable_or_unusable_memory_costs_one_warning_and_a_measurement(bf
         caplog.clear()
         assert choose_execution(bf16_model, "auto", rows=4).source == "calibrated"
         assert len(memory_problems(caplog)) == 1 and "home directory" in caplog.text
+    monkeypatch.setenv("HOME", "relative/home")
+    monkeypatch.chdir(tmp_path)
+    caplog.clear()
+    assert choose_execution(bf16_model, "auto", rows=4).source == "calibrated"
+    assert len(memory_problems(caplog)) == 1 and not (tmp_path / "relative").exists()
     not_a_directory = tmp_path / "home-is-a-file"
     not_a_directory.write_text("")
     monkeypatch.setenv("HOME", str(not_a_directory))
