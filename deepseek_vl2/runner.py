@@ -17,7 +17,7 @@ import torch
 
 from .model import DeepseekVL2, tiles_per_image
 from .processor import ProcessorOutput
-from .settings import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP  # noqa: F401 (also runner.<name>)
+from .settings import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP
 
 log = logging.getLogger(__name__)
 
