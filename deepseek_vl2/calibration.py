@@ -3,9 +3,13 @@
 Each choice is timed on products of the model's own shapes, with the same `Execution.linear` /
 `attention` code the model runs, in a budget of about 3 s. The baseline option stays unless another
 is faster by a clear margin (MARGIN), so that timing noise cannot flip a choice back and forth
-between restarts; and the decision is remembered per CPU model, torch version, thread count, dtype,
-quantization and model shape (DEEPSEEK_VL2_EXECUTION_CACHE), so that a restarted server makes the
-same choice without measuring again, and a seeded answer does not change with the machine's mood.
+between restarts; and the decision is remembered (DEEPSEEK_VL2_EXECUTION_CACHE) per CPU model and
+feature flags, the kernel level torch runs (ATEN_CPU_CAPABILITY), torch version, thread count, dtype,
+quantization, product and attention shapes, batch and calibration scheme (machine_key), so that a
+restarted server makes the same choice without measuring again, and a seeded answer does not change
+with the machine's mood. It measures at the batch the engine will run (settings.planned_max_batch).
+A memory that cannot be read or written costs one warning and a fresh measurement, never the setup;
+servers starting together each add their record to the file without losing the other's.
 
 A quantized model also gets the row count from which its quantized products dequantize the weight
 and run the chosen dense product instead of the weight's own kernel (which streams the quantized
@@ -15,12 +19,15 @@ bytes but does more work per row): the first of DEQUANTIZE_ROWS_MEASURED at whic
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .execution import CHOICES, EXECUTION_ENV, MANY_ROWS, Execution, baseline_choices, describe, parse_choices
+from .settings import planned_max_batch
 
 if TYPE_CHECKING:
     from .model import DeepseekVL2
@@ -37,7 +45,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "DEEPSEEK_VL2_EXECUTION_CACHE"
-DEFAULT_CACHE = Path.home() / ".cache" / "deepseek_vl2" / "execution.json"
+DEFAULT_CACHE_UNDER_HOME = Path(".cache") / "deepseek_vl2" / "execution.json"
+# The calibration scheme: what is measured, on which shapes, and how it is decided. Bump it whenever
+# any of that changes (the measured products or attention, their shapes or rows, MARGIN, the
+# options, the record's fields, what machine_key holds), so that records of an older scheme are
+# measured again instead of trusted. 2: kernel level, attention shapes and the engine's batch in
+# the key; the scheme and level in the record.
+SCHEME_VERSION = 2
 # Another option replaces the baseline only when it takes at most 1/MARGIN of its time.
 MARGIN = 1.25
 BUDGET_S = 3.0
@@ -217,16 +231,20 @@ def _measure_dequantize(model: DeepseekVL2, choices: dict[str, str]) -> tuple[in
 def calibrate(model: DeepseekVL2, rows: int, budget_s: float = BUDGET_S) -> Decision:
     """Time every option of every choice that applies to the model's dtype, and keep each
     baseline unless another option is clearly faster. Choices not reached within `budget_s` keep
-    their baseline."""
+    their baseline. `rows`: the batch a decode step will have; attention is measured at it, the
+    few-row products at it within their range (2 .. MANY_ROWS - 1)."""
     started = time.perf_counter()
     choices = baseline_choices(model.dtype)
-    rows = max(2, min(rows, MANY_ROWS - 1))
-    measures: dict[str, Callable[[], dict[str, float]]] = {"few": lambda: _measure_products(model, choices, "few", rows)}
+    few_rows = max(2, min(rows, MANY_ROWS - 1))
+    batch = max(1, rows)
+    measures: dict[str, Callable[[], dict[str, float]]] = {
+        "few": lambda: _measure_products(model, choices, "few", few_rows)
+    }
     if model.dtype != torch.float32:  # fp32 weights: nothing to upcast, attention is fp32 already
         measures = {
             "many": lambda: _measure_products(model, choices, "many", None),
             **measures,
-            "attention": lambda: _measure_attention(model, choices, rows),
+            "attention": lambda: _measure_attention(model, choices, batch),
         }
     timings: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
@@ -253,13 +271,31 @@ def calibrate(model: DeepseekVL2, rows: int, budget_s: float = BUDGET_S) -> Deci
     return Decision(choices, "calibrated", timings, time.perf_counter() - started, dequantize_min_rows)
 
 
+def kernel_level() -> str:
+    """The CPU kernel level torch dispatches to (DEFAULT, AVX2, AVX512, ...): torch picks kernels
+    per level, and ATEN_CPU_CAPABILITY changes it on the same CPU."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def attention_shapes(model: DeepseekVL2) -> tuple[object, ...]:
+    """The shapes `_measure_attention` runs with, from the attention layer it runs."""
+    attention = model.language.model.layers[0].self_attn
+    if model.config.language.use_mla:
+        return ("mla", attention.heads, attention.nope, attention.rope, attention.rank, attention.v_dim)
+    return ("mha", attention.heads, attention.kv_heads, attention.head_dim)
+
+
 def machine_key(model: DeepseekVL2, rows: int) -> str:
-    """What a remembered decision is valid for: this CPU (model and feature flags), this torch,
-    its thread count, and the model's dtype, quantization and product shapes."""
+    """What a remembered decision is valid for: the calibration scheme, this CPU (model and
+    feature flags) and the kernel level torch runs on it, this torch, its thread count, the model's
+    dtype, quantization, product and attention shapes, and the batch (`rows`) it was measured at."""
     cpu = _cpu_description()
     c, v = model.config.language, model.config.vision
     shapes = (c.hidden_size, c.vocab_size, c.moe_intermediate_size, c.intermediate_size, c.use_mla, v.width, v.mlp_hidden)
-    parts = [cpu, torch.__version__, str(torch.get_num_threads()), str(model.dtype), model.quantization.name, repr(shapes), str(rows)]
+    parts = [
+        f"scheme {SCHEME_VERSION}", cpu, kernel_level(), torch.__version__, str(torch.get_num_threads()),
+        str(model.dtype), model.quantization.name, repr(shapes), repr(attention_shapes(model)), str(rows),
+    ]  # fmt: skip
     return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
 
@@ -282,54 +318,139 @@ def cpu_name() -> str:
     return _cpu_description().rsplit(" [", 1)[0]
 
 
-def cache_path() -> Path | None:
-    """Where decisions are remembered; None when DEEPSEEK_VL2_EXECUTION_CACHE is set empty."""
+def cache_path(problems: list[str] | None = None) -> Path | None:
+    """Where decisions are remembered; None when DEEPSEEK_VL2_EXECUTION_CACHE is set empty, or
+    when it is unset and there is no home directory (a problem, told to `problems`). The default
+    follows HOME as it is now, not as it was when this module was imported."""
     value = os.environ.get(CACHE_ENV)
-    if value is None:
-        return DEFAULT_CACHE
-    return Path(value).expanduser() if value.strip() else None
+    if value is not None:
+        return Path(value).expanduser() if value.strip() else None
+    try:
+        home = Path.home()
+        if not home.is_absolute():  # HOME=relative: not a place to write beside the working directory
+            raise RuntimeError(f"HOME is {str(home)!r}, not an absolute path")
+    except (RuntimeError, KeyError, OSError) as error:  # RuntimeError: no home directory known
+        _problem(problems, f"no home directory for the remembered decisions ({error}); set {CACHE_ENV}")
+        return None
+    return home / DEFAULT_CACHE_UNDER_HOME
 
 
-def remembered(path: Path | None, key: str) -> Decision | None:
-    if path is None or not path.is_file():
+def _problem(problems: list[str] | None, message: str) -> None:
+    """A reason the memory could not be used: collected for choose_execution's one warning, or
+    logged at once for a caller that collects none."""
+    if problems is None:
+        log.warning("execution calibration: %s", message)
+    else:
+        problems.append(message)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _malformed(record: object) -> str | None:
+    """What is wrong with a stored record's fields, or None when each has the right type."""
+    if not isinstance(record, dict):
+        return f"a record is {type(record).__name__}, not an object"
+    choices = record.get("choices")
+    if not (isinstance(choices, dict) and set(choices) == set(CHOICES) and all(choices[n] in CHOICES[n] for n in CHOICES)):
+        return f"its choices {choices!r} are not one option of each of {', '.join(CHOICES)}"
+    timings = record.get("timings_ms", {})
+    if not isinstance(timings, dict) or not all(
+        isinstance(t, dict) and all(isinstance(o, str) and _is_number(ms) for o, ms in t.items()) for t in timings.values()
+    ):
+        return "its timings_ms are not milliseconds per option"
+    rows = record.get("dequantize_min_rows")
+    if rows is not None and not (_is_count(rows) and rows > 0):
+        return f"its dequantize_min_rows {rows!r} is not a positive row count"
+    if not isinstance(record.get("level", ""), str):
+        return "its level is not a name"
+    return None
+
+
+def remembered(path: Path | None, key: str, problems: list[str] | None = None) -> Decision | None:
+    """The decision remembered under `key`, or None: nothing remembered, a record of another
+    calibration scheme (measured again, not trusted), or a memory that cannot be used (unreadable,
+    not JSON, not the shape this module writes; told to `problems`)."""
+    if path is None or not (path.exists() or path.is_symlink()):
         return None
     try:
-        record = json.loads(path.read_text())[key]
-        choices = record["choices"]
-        valid = set(choices) == set(CHOICES) and all(choices[n] in CHOICES[n] for n in CHOICES)
-    except (OSError, ValueError, KeyError, TypeError):
+        if not path.is_file():
+            raise IsADirectoryError(f"{path} is not a file")
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        _problem(problems, f"could not read the remembered decisions in {path} ({error}); measuring again")
         return None
-    if not valid:
+    if not isinstance(records, dict):
+        _problem(problems, f"{path} holds a JSON {type(records).__name__}, not decisions by key; measuring again")
         return None
-    dequantize_min_rows = record.get("dequantize_min_rows")
-    if dequantize_min_rows is not None and not (isinstance(dequantize_min_rows, int) and dequantize_min_rows > 0):
+    record = records.get(key)
+    if record is None:
         return None
-    return Decision(choices, "remembered", record.get("timings_ms", {}), dequantize_min_rows=dequantize_min_rows)
+    scheme = record.get("scheme") if isinstance(record, dict) else SCHEME_VERSION
+    if not (_is_count(scheme) and scheme == SCHEME_VERSION):
+        if scheme is not None and not _is_count(scheme):
+            _problem(problems, f"the decision in {path} has scheme {scheme!r}, not a number; measuring again")
+        else:  # written before schemes, or by another: not trusted, and not a fault
+            log.info("execution calibration: the decision in %s is of scheme %s, not %d; measuring again", path, scheme, SCHEME_VERSION)
+        return None
+    wrong = _malformed(record)
+    if wrong is not None:
+        _problem(problems, f"the decision in {path} is malformed ({wrong}); measuring again")
+        return None
+    return Decision(
+        record["choices"], "remembered", record.get("timings_ms", {}), dequantize_min_rows=record.get("dequantize_min_rows")
+    )
 
 
-def remember(path: Path | None, key: str, decision: Decision) -> None:
+def _records_on_disk(path: Path) -> dict[str, Any]:
+    """The records in `path` now, to keep beside a new one; what cannot be read is dropped (its
+    problem was told when it was read for the decision)."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def remember(path: Path | None, key: str, decision: Decision, problems: list[str] | None = None) -> None:
+    """Add the decision under `key` to `path`, keeping the other records there. Servers starting
+    together lose nothing: each takes an advisory lock (a sidecar file), re-reads the records just
+    before replacing the file, and replaces it atomically from its own temporary file."""
     if path is None:
         return
-    try:
-        records = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(records, dict):
-            records = {}
-    except (OSError, ValueError):
-        records = {}
-    records[key] = decision.as_json() | {"cpu": cpu_name(), "torch": torch.__version__}
+    record = decision.as_json() | {
+        "scheme": SCHEME_VERSION, "level": kernel_level(), "cpu": cpu_name(), "torch": torch.__version__,
+    }  # fmt: skip
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(records, indent=1) + "\n")
-        temporary.replace(path)  # atomic: two servers starting together never read half a file
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            except OSError:  # a file system without locks: the merge below still narrows the race
+                pass
+            records = _records_on_disk(path)
+            records[key] = record
+            # Unique per process and thread: two writers never share (or remove) a temporary file.
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                temporary.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+                temporary.replace(path)  # atomic: a reader never sees half a file
+            finally:
+                temporary.unlink(missing_ok=True)
     except OSError as error:
-        log.warning("execution calibration: could not remember the decision in %s (%s)", path, error)
+        _problem(problems, f"could not remember the decision in {path} ({error})")
 
 
 def choose_execution(model: DeepseekVL2, spec: str | None = None, rows: int | None = None) -> Decision:
     """How the model's products will run: forced by `spec` (default: DEEPSEEK_VL2_EXECUTION),
     or on the CPU with `auto` remembered for this machine, else calibrated and remembered. `rows`
-    is the batch a decode step will have (default: the planned batch size)."""
+    is the batch a decode step will have (default: settings.planned_max_batch, the engine's rule:
+    DEEPSEEK_VL2_MAX_BATCH, else COG_MAX_CONCURRENCY, else the CPU default)."""
     spec = os.environ.get(EXECUTION_ENV, "") if spec is None else spec
     forced = parse_choices(spec, model.dtype)  # raises on a bad setting, on every device
     if model.device.type == "cuda":
@@ -340,14 +461,16 @@ def choose_execution(model: DeepseekVL2, spec: str | None = None, rows: int | No
         decision = Decision(forced, "forced")
     else:
         if rows is None:
-            from .settings import planned_max_batch  # settings imports the runner, which imports the model
-
-            rows = planned_max_batch(cuda=False)
-        path, key = cache_path(), machine_key(model, rows)
-        decision = remembered(path, key)
+            rows = planned_max_batch(cuda=False)  # the engine's rule: the rows it will run
+        problems: list[str] = []
+        path = cache_path(problems)
+        key = machine_key(model, rows)
+        decision = remembered(path, key, problems)
         if decision is None:
             decision = calibrate(model, rows)
-            remember(path, key, decision)
+            remember(path, key, decision, problems)
+        if problems:  # one warning, whatever went wrong with the memory: the setup goes on
+            log.warning("execution calibration: %s", "; ".join(problems))
     decision.execution = Execution.from_choices(decision.choices, decision.dequantize_min_rows)
     log.info(
         "execution on %s (%s): %s%s", cpu_name(), decision.source, decision.summary(),

@@ -35,7 +35,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .settings import (
     CONCURRENCY_ENV, MAX_BATCH_ENV, PREFILL_CHUNK_ENV, PREFIX_CACHE_ENV, default_device, default_dtype,
-    default_quantize, env_gib, env_int,
+    default_quantize, env_gib, env_int, planned_max_batch,
 )  # fmt: skip
 from .tokenizer import StreamDecoder
 
@@ -135,6 +135,8 @@ class Engine:
         self.config = self.model.config
         self.context_length = self.config.language.max_position_embeddings
         self.eos_id = processor.tokenizer.eos_id
+        if not max_batch and self.device.type != "cuda":
+            max_batch = planned_max_batch(cuda=False)  # the rule, and the batch calibration measured at
         max_batch = max_batch or env_int(MAX_BATCH_ENV) or default_max_batch(self.model, env_int(CONCURRENCY_ENV))
         prefill_chunk_size = prefill_chunk_size or env_int(PREFILL_CHUNK_ENV) or DEFAULT_PREFILL_CHUNK
         if vision_chunk_tiles is None:
@@ -194,7 +196,9 @@ class Engine:
 
         def load() -> DeepseekVL2:
             started = time.perf_counter()
-            model = DeepseekVL2.from_pretrained(path, device=device, dtype=dtype, quantize=quantize)
+            # On the CPU, calibration measures at the batch the engine will run (planned_max_batch).
+            rows = kwargs.get("max_batch")
+            model = DeepseekVL2.from_pretrained(path, device=device, dtype=dtype, quantize=quantize, rows=rows)
             log.info(
                 "model ready on %s in %s (quantization: %s) after %.1f s", device,
                 str(dtype).removeprefix("torch."), quantize.name, time.perf_counter() - started,

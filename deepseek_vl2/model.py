@@ -55,12 +55,14 @@ class DeepseekVL2(nn.Module):
         config: DeepseekVL2Config | None = None,
         execution: str | None = None,
         quantize: QuantizeSpec | None = None,
+        rows: int | None = None,
     ) -> DeepseekVL2:
         """Build on the meta device, allocate straight on `device` in `dtype`, fill from disk, then
         choose how products run (`execution`, default DEEPSEEK_VL2_EXECUTION; calibration.py).
 
         With `quantize` (quantize.py), the language model's linear weights are allocated only in
-        their quantized form and quantized tensor by tensor as they are read.
+        their quantized form and quantized tensor by tensor as they are read. `rows`: the batch the
+        engine will run, which calibration measures at (default: settings.planned_max_batch).
         """
         config = config or DeepseekVL2Config.from_pretrained(path)
         quantize = quantize or QuantizeSpec()
@@ -70,7 +72,7 @@ class DeepseekVL2(nn.Module):
         model.materialize(torch.device(device), dtype)
         load_checkpoint(model, path, config)
         model.weights_id = checkpoint_identity(path)
-        model.choose_execution(execution)
+        model.choose_execution(execution, rows)
         return model.eval()
 
     def choose_execution(self, spec: str | None = None, rows: int | None = None) -> Decision:

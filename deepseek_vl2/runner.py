@@ -17,13 +17,12 @@ import torch
 
 from .model import DeepseekVL2, tiles_per_image
 from .processor import ProcessorOutput
+from .settings import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP
 
 log = logging.getLogger(__name__)
 
 # Memory kept free on the GPU for activations (prefill chunk, vision batch, logits) and graphs.
 GPU_ACTIVATION_RESERVE_BYTES = 4 * 2**30
-GPU_MAX_BATCH_CAP = 16  # larger batches help little more per step and each bucket compiles
-CPU_DEFAULT_MAX_BATCH = 4
 
 
 # Tiles the vision tower encodes at once on the CPU. Its activations grow with the batch, while one

@@ -9,9 +9,10 @@ from collections.abc import Mapping
 import torch
 
 from .quantize import DEFAULT_GROUP_SIZE, MODES, QuantizeSpec
-from .runner import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP
 
 MAX_BATCH_ENV = "DEEPSEEK_VL2_MAX_BATCH"
+GPU_MAX_BATCH_CAP = 16  # larger batches help little more per step and each bucket compiles
+CPU_DEFAULT_MAX_BATCH = 4
 CONCURRENCY_ENV = "COG_MAX_CONCURRENCY"  # the Cog server's limit on predictions at once
 PREFILL_CHUNK_ENV = "DEEPSEEK_VL2_PREFILL_CHUNK"
 PREFIX_CACHE_ENV = "DEEPSEEK_VL2_PREFIX_CACHE_GB"
@@ -73,7 +74,12 @@ def env_gib(name: str) -> int | None:
 
 
 def planned_max_batch(cuda: bool, environ: Mapping[str, str] = os.environ) -> int:
-    """The batch size to plan for before a model is loaded (the HTTP concurrency limit):
-    DEEPSEEK_VL2_MAX_BATCH, else the GPU cap or the CPU default. On a GPU the engine may find room
-    for fewer rows; the surplus requests then wait in its queue."""
-    return env_int(MAX_BATCH_ENV, environ) or (GPU_MAX_BATCH_CAP if cuda else CPU_DEFAULT_MAX_BATCH)
+    """The batch size to plan for before a model is loaded, by the engine's rule: DEEPSEEK_VL2_MAX_BATCH,
+    else as many rows as the server admits predictions (COG_MAX_CONCURRENCY), else the GPU cap or
+    the CPU default. The CPU engine runs exactly this many rows (and calibration measures at it);
+    on a GPU the engine may find room for fewer rows, and the surplus requests wait in its queue."""
+    return (
+        env_int(MAX_BATCH_ENV, environ)
+        or env_int(CONCURRENCY_ENV, environ)
+        or (GPU_MAX_BATCH_CAP if cuda else CPU_DEFAULT_MAX_BATCH)
+    )
