@@ -271,10 +271,17 @@ def calibrate(model: DeepseekVL2, rows: int, budget_s: float = BUDGET_S) -> Deci
     return Decision(choices, "calibrated", timings, time.perf_counter() - started, dequantize_min_rows)
 
 
+# Caps on the instructions of the libraries behind torch's bf16 and fp32 products: like the kernel
+# level, they change which kernels run (and how fast) on the same CPU.
+LIBRARY_ISA_ENVS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def kernel_level() -> str:
-    """The CPU kernel level torch dispatches to (DEFAULT, AVX2, AVX512, ...): torch picks kernels
-    per level, and ATEN_CPU_CAPABILITY changes it on the same CPU."""
-    return torch.backends.cpu.get_cpu_capability()
+    """The CPU kernel level torch dispatches to (DEFAULT, AVX2, AVX512, ...), with any cap set on
+    oneDNN's or MKL's instructions: torch picks kernels per level, and ATEN_CPU_CAPABILITY changes
+    it on the same CPU."""
+    caps = [f"{name}={os.environ[name]}" for name in LIBRARY_ISA_ENVS if os.environ.get(name)]
+    return " ".join([torch.backends.cpu.get_cpu_capability(), *caps])
 
 
 def attention_shapes(model: DeepseekVL2) -> tuple[object, ...]:
