@@ -287,7 +287,7 @@ class Int4Weight(QuantizedWeight):
             nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
             data[start // 8 : padded_stop // 8] = torch._convert_weight_to_int4pack(nibbles, cuda_inner_k_tiles(k))
         else:
-            data[start:padded_stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            data[start:padded_stop] = pack_int4_cpu(q)
 
 
 # The row counts of the probe matrices: one row block of INT4_ROW_BLOCK and three, so that the
@@ -336,6 +336,12 @@ class Int4Layout:
         return rows.unflatten(-1, (half, 2)).transpose(-1, -2)
 
 
+def pack_int4_cpu(q: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 pack op over int32 values [n, k] in [0, 15]: the one function that both the
+    stores and the probe call, so that the layout learned is the layout stored."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
 def probe_int4_pack(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where `_convert_weight_to_int4pack_for_cpu` puts each weight of an [n, k] matrix: the (row,
     column) of every nibble of its packed bytes, as two [n k / 2, 2] tensors (byte, nibble).
@@ -343,12 +349,11 @@ def probe_int4_pack(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Each pass packs a matrix whose values are one 4-bit digit of every weight's row (or column)
     index, and reads that digit back from wherever each nibble went: a handful of packs of a small
     matrix, and no knowledge of torch's kernels is assumed."""
-    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
     found = []
     for index, count in ((torch.arange(n, dtype=torch.int32)[:, None], n), (torch.arange(k, dtype=torch.int32), k)):
         decoded = torch.zeros(n, k // 2, 2, dtype=torch.int32)
         for shift in range(0, (count - 1).bit_length(), 4):
-            packed = pack((index >> shift & 15).expand(n, k).contiguous(), 1)
+            packed = pack_int4_cpu((index >> shift & 15).expand(n, k).contiguous())
             if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2):
                 raise RuntimeError(
                     f"torch's int4 CPU pack op gave {packed.dtype} {tuple(packed.shape)} for an [{n}, {k}] "
