@@ -384,8 +384,12 @@ def cpu_int4_layout(in_features: int) -> Int4Layout:
     docstring) and may change with torch's version; a table keyed by level would compute garbage
     silently on the first level or version it misses, where a probe either finds the layout or
     stops the load. Per width, since nothing promises the layout does not depend on it (measured:
-    it does not), and cached, since the level is fixed for a process. Cost: a few packs of
-    [64 | 192, k] matrices (README Performance: milliseconds per width)."""
+    it does not, 32 to 6848), and cached, since the level is fixed for a process.
+
+    Cost, once per width: 2 to 6 packs of [64, k] and [192, k] matrices and their decoding. Measured
+    on a Xeon (model 167, AVX512/AMX) at one thread, loaded by other work: the fixtures' widths
+    (32, 64, 160) 3 ms in all; tiny's (896, 1280, 1792, 6848) 62-150 ms in all by level, most of
+    it 6848's; at two threads on the loaded machine up to seconds (OpenMP on small tensors)."""
     probed = {n: probe_int4_pack(n, in_features) for n in INT4_PROBE_ROWS}
     rows, columns = probed[INT4_PROBE_ROWS[0]]
     # Fit on the first bytes: a block's half of rows is the bytes before column 1 starts; the
