@@ -396,8 +396,10 @@ def cpu_int4_layout(in_features: int) -> Int4Layout:
     # strides are those of row 0's neighbours. Then the whole map must agree, for both probes.
     later = (columns[:, 0] != 0).nonzero()
     try:
-        if not len(later) or int(rows[0, 0]) != 0:
-            raise ValueError("row 0 of column 0 is not first")
+        if int(rows[0, 0]) != 0 or int(columns[0, 0]) != 0:
+            raise ValueError("the first byte does not hold row 0 of column 0")
+        if not len(later):
+            raise ValueError("no byte holds column 1")
         half = int(later[0])
         layout = Int4Layout(2 * half, int(rows[1, 0]) if half > 1 else 1, int(rows[0, 1]))
     except ValueError as error:
