@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deepseek_vl2.execution import Execution, scratch  # noqa: E402
-from deepseek_vl2.quantize import QuantizeSpec  # noqa: E402
+from deepseek_vl2.quantize import QuantizeSpec, cpu_int4_layout  # noqa: E402
 
 # (out, in) of tiny's language-model products.
 SHAPES = {
@@ -74,12 +74,18 @@ def main() -> None:
         for shape_name in args.shapes.split(","):
             n, k = SHAPES[shape_name]
             dense = (torch.randn(n, k) / math.sqrt(k)).to(dtype)
+            # What a load pays once per input width to learn the int4 packing (not cached here).
+            cpu_int4_layout.cache_clear()
+            started = time.perf_counter()
+            layout = cpu_int4_layout(k)
+            probe_ms = (time.perf_counter() - started) * 1000
             weights = {}
             for name, spec in specs.items():
                 weights[name] = spec.empty((), n, k, dtype, torch.device("cpu"))
                 weights[name].store((), dense)
             print(f"\n{shape_name} {n}x{k}: bf16 {dense.nbytes / 2**20:.1f} MiB, "
                   + ", ".join(f"{name} {w.nbytes / 2**20:.1f} MiB" for name, w in weights.items()))
+            print(f"  int4 layout probe (width {k}): {probe_ms:.1f} ms, {layout}")
             for name, w in weights.items():
                 for target in (dtype, torch.float32):
                     buffer = scratch(w.dense_numel, target, torch.device("cpu"))

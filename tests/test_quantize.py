@@ -4,6 +4,10 @@ The kernel tests run on the CPU; the model tests on DEEPSEEK_VL2_TEST_DEVICE (te
 that gpu_check's parity-quantized stage runs them on CUDA.
 
 - Storage: quantize then dequantize stays within half a step of every weight.
+- int4 packing: the layout `dequantize` follows is the one torch's CPU kernel reads, at every
+  kernel level this machine has (ATEN_CPU_CAPABILITY: the module is level-sensitive, so it runs
+  under each; one test also starts each level in a subprocess, so that any one run covers them
+  all), and a packing no layout describes stops the load.
 - Kernels: every quantized product (the few-row kernel, the many-row dequantize path, the grouped,
   gathered and dense experts) equals the same product with the dequantized weights, to the
   rounding of a bf16 product.
@@ -18,7 +22,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +41,9 @@ from deepseek_vl2.quantize import (
 )  # fmt: skip
 from deepseek_vl2.settings import QUANTIZE_ENV, QUANTIZE_GROUP_ENV, default_quantize
 from parity import CHECKPOINTS, DEVICE, conversation, model_cases, model_inputs
+
+# The int4 layout depends on torch's CPU kernel level: run this module under each.
+pytestmark = pytest.mark.kernel_level
 
 CPU = torch.device("cpu")
 SPECS = {"int8": QuantizeSpec("int8"), "int4": QuantizeSpec("int4", 128), "int4-g32": QuantizeSpec("int4", 32)}
@@ -102,6 +113,153 @@ def test_dequantized_weights_are_within_half_a_step(name, dtype, shape):
         )
     # Zero rows stay zero, whatever the format.
     assert not q.dequantize(torch.float32).reshape(-1, shape[-1])[0].any()
+
+
+def kernel_view(q: Int4Weight) -> torch.Tensor:
+    """The weights [*lead, out, in] as torch's CPU int4 kernel reads them: its product with the
+    identity, exact (each output is one weight times 1, accumulated in fp32), in the weights' dtype."""
+    eye = torch.eye(q.in_features, dtype=q.dtype)
+    views = [
+        torch.ops.aten._weight_int4pack_mm_for_cpu(eye, q.data[index], q.group_size, q.scale[index]).T
+        for index in itertools.product(*map(range, q.lead))
+    ]
+    return torch.stack(views).view(*q.lead, q.padded_out, q.in_features)[..., : q.out_features, :]
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("shape", [(64, 128), (608, 64), (130, 256), (2, 70, 256), (3, 2, 192, 128)])
+def test_int4_dequantizes_exactly_the_weights_the_kernel_reads(shape, group):
+    q = quantized(QuantizeSpec("int4", group), awkward_weight(math.prod(shape[:-1]), shape[-1]).view(shape).bfloat16())
+    kernel = kernel_view(q)
+    assert torch.equal(q.dequantize(torch.bfloat16), kernel)
+    # In fp32 too: bf16 scales and zero points make every weight exact in fp32.
+    assert torch.equal(q.dequantize(torch.float32).bfloat16(), kernel)
+    # With fp32 scales the weights are not exact in fp32: the kernel computes (q - 8) s + z, rounded
+    # once (avx2, avx512: a fused multiply-add) or twice (default), dequantize q s + (z - 8 s), which
+    # rounds z - 8 s too. The roundings differ, the layout must not: within fp32 roundings of the
+    # terms' magnitudes, where a weight in the wrong place would be off by whole steps.
+    w32 = awkward_weight(math.prod(shape[:-1]), shape[-1], seed=1).view(shape)
+    q32 = quantized(QuantizeSpec("int4", group), w32, torch.float32)
+    s = steps(q32)
+    z = q32.scale[..., : q32.out_features, 1].float().transpose(-1, -2).repeat_interleave(q32.group_size, dim=-1)
+    kernel = kernel_view(q32)
+    error = (q32.dequantize(torch.float32) - kernel).abs()
+    assert bool((error <= 2.0**-23 * (2 * kernel.abs() + z.abs() + 24 * s)).all())
+
+
+# Run in a fresh process per kernel level: quantize a few weights (stacked experts among them) and
+# compare `dequantize` with the kernel's own view, exactly; print the level and the verdict.
+LEVEL_CHECK = """
+import itertools, sys, torch
+from deepseek_vl2.quantize import QuantizeSpec
+torch.manual_seed(0)
+wrong = []
+for shape, group in (((2, 130, 256), 128), ((192, 96), 32)):
+    *lead, n, k = shape
+    q = QuantizeSpec("int4", group).empty(tuple(lead), n, k, torch.bfloat16, torch.device("cpu"))
+    w = torch.randn(shape).bfloat16()
+    for index in itertools.product(*map(range, lead)):
+        q.store(index, w[index])
+    dense = q.dequantize(torch.bfloat16)
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    for index in itertools.product(*map(range, lead)):
+        kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, q.data[index], q.group_size, q.scale[index]).T
+        if not torch.equal(dense[index], kernel[:n]):
+            wrong.append(shape)
+print(torch.backends.cpu.get_cpu_capability(), "wrong: %s" % wrong if wrong else "ok")
+"""
+LEVELS = ("default", "avx2", "avx512")
+
+
+def test_every_kernel_level_of_this_cpu_dequantizes_as_its_kernel():
+    """A layout that is right for one level only passes a run under that level: this checks every
+    level this CPU has (default and avx2 on any x86-64 with AVX2, avx512 where the CPU has it), each
+    in a subprocess, whatever level this run was given."""
+    root = Path(__file__).resolve().parent.parent
+    # One thread each: the check is small, and the processes run side by side.
+    base = {name: value for name, value in os.environ.items() if name != "ATEN_CPU_CAPABILITY"}
+    base["OMP_NUM_THREADS"] = "1"
+    # The native level is this process's, unless this run was given one: then a subprocess says.
+    native = None if "ATEN_CPU_CAPABILITY" in os.environ else torch.backends.cpu.get_cpu_capability()
+    runs = {
+        level: subprocess.Popen(
+            [sys.executable, "-c", LEVEL_CHECK],
+            env=base | ({"ATEN_CPU_CAPABILITY": level} if level else {}),
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for level in (*LEVELS, *([None] if native is None else []))
+    }
+    outputs = {level: run.communicate(timeout=300)[0].strip() for level, run in runs.items()}
+    reports = {level: output.splitlines()[-1] if output else "" for level, output in outputs.items()}
+    for level, run in runs.items():
+        assert run.returncode == 0 and reports[level].endswith(" ok"), (level, outputs[level])
+    native = (native or reports[None].split()[0]).lower()
+    # The levels below the native one are available too (torch falls back to the native level
+    # when asked for a higher one, which is then checked twice).
+    available = LEVELS[: LEVELS.index(native) + 1] if native in LEVELS else ("default",)
+    for level in available:
+        assert reports[level].split()[0].lower() == level, (level, reports[level])
+
+
+def swapped_block_pair(q: torch.Tensor) -> torch.Tensor:
+    """Rows 64-127 and 128-191 swapped (the first row block as torch packs it)."""
+    order = torch.arange(q.shape[0])
+    if q.shape[0] >= 192:
+        order[64:192] = torch.cat([order[128:192], order[64:128]])
+    return q[order]
+
+
+def swapped_last_columns(q: torch.Tensor) -> torch.Tensor:
+    order = torch.arange(q.shape[1])
+    order[-2:] = order[-2:].flip(0)
+    return q[:, order]
+
+
+# Packings that no Int4Layout describes, as torch's pack op after a permutation of its input: rows
+# in reverse (the fit fails), the first row block right but not the repetition (only the 192-row
+# probe sees it), the first columns right but not the last two (only the whole map sees it).
+UNKNOWN_PACKINGS = {
+    "reversed-rows": lambda q: q.flip(0),
+    "swapped-blocks": swapped_block_pair,
+    "swapped-last-columns": swapped_last_columns,
+}
+
+
+@pytest.fixture
+def fresh_layouts():
+    """No layout learned yet (the test patches the pack op), nor left behind."""
+    learned = quantize.cpu_int4_layout  # the test may patch it too
+    learned.cache_clear()
+    yield
+    learned.cache_clear()
+
+
+@pytest.mark.parametrize("packing", UNKNOWN_PACKINGS)
+def test_an_unknown_int4_packing_stops_the_load(monkeypatch, fresh_layouts, packing):
+    pack = quantize.pack_int4_cpu
+    monkeypatch.setattr(quantize, "pack_int4_cpu", lambda q: pack(UNKNOWN_PACKINGS[packing](q).contiguous()))
+    with pytest.raises(RuntimeError, match=r"int4 packing of torch .* at CPU kernel level .* is unknown"):
+        SPECS["int4"].empty((2,), 130, 256, torch.bfloat16, CPU)
+    if packing == "reversed-rows":  # a whole load, too: before any weight is stored
+        with pytest.raises(RuntimeError, match="int4 packing .* is unknown"):
+            DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mha", CPU, torch.bfloat16, quantize=SPECS["int4"])
+    # CUDA weights never ask (no layout is learned for them): CUDA int4 runs on its own kernel.
+    monkeypatch.setattr(quantize, "cpu_int4_layout", lambda k: pytest.fail("a CPU layout asked for CUDA"))
+    if torch.cuda.is_available():
+        SPECS["int4"].empty((2,), 130, 256, torch.bfloat16, torch.device("cuda"))
+
+
+def test_the_learned_layout_is_the_pack_ops_whole_map(fresh_layouts):
+    """The layout reproduces where every nibble of a probe went (checked at load; here for a width
+    the model tests do not use), and int8 asks for none."""
+    layout = quantize.cpu_int4_layout(6848)  # tiny's dense down projection
+    for n in quantize.INT4_PROBE_ROWS:
+        rows, columns = quantize.probe_int4_pack(n, 6848)
+        expected_rows, expected_columns = layout.positions(n, 6848)
+        shape = (n // layout.block_rows, 6848, layout.block_rows // 2, 2)
+        assert torch.equal(rows.view(shape), expected_rows.expand(shape))
+        assert torch.equal(columns.view(shape), expected_columns.expand(shape))
+    assert quantize.cpu_int4_layout.cache_info().currsize == 1
 
 
 def test_int4_groups_fit_the_input_width():
