@@ -20,9 +20,9 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from PIL import Image  # noqa: E402
 
-from deepseek_vl2 import Processor, build_messages  # noqa: E402
-from deepseek_vl2.conversation import parse_conversation  # noqa: E402
-from deepseek_vl2.tiling import choose_grids, image_token_count, normalize_tiles, render_tiles  # noqa: E402
+from deepseek_vl2 import Processor, build_messages
+from deepseek_vl2.inputs.conversation import parse_conversation
+from deepseek_vl2.inputs.tiling import choose_grids, image_token_count, normalize_tiles, render_tiles
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures"
 
