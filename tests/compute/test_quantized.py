@@ -36,7 +36,8 @@ from deepseek_vl2.model.moe import Experts, Gate
 from deepseek_vl2.model.quantized_modules import (
     QuantizedExperts, QuantizedLinear, quantize_model, quantized_bytes,
 )  # fmt: skip
-from deepseek_vl2.model.streaming_quantizer import StreamingQuantizer  # fmt: skip
+from deepseek_vl2.model import streaming_quantizer
+from deepseek_vl2.model.streaming_quantizer import StreamingQuantizer
 
 CPU = torch.device("cpu")
 SPECS = {"int8": QuantizeSpec("int8"), "int4": QuantizeSpec("int4", 128), "int4-g32": QuantizeSpec("int4", 32)}
@@ -287,7 +288,9 @@ def test_only_the_language_models_linear_weights_are_quantized(bf16_models, quan
 
 
 def test_loading_quantizes_the_checkpoints_weights_a_block_of_rows_at_a_time(bf16_models, monkeypatch):
-    monkeypatch.setattr(quantize, "QUANTIZE_CHUNK_ROWS", quantize.INT4_ROW_BLOCK)  # 64: the head has 10 blocks
+    # 64 rows, in the formats and in the loader that stages blocks for them: the head has 10 blocks.
+    for module in (quantize, streaming_quantizer):
+        monkeypatch.setattr(module, "QUANTIZE_CHUNK_ROWS", quantize.INT4_ROW_BLOCK)
     in_flight: list[int] = []
     original = StreamingQuantizer.fill
 
@@ -318,7 +321,8 @@ def test_loading_quantizes_the_checkpoints_weights_a_block_of_rows_at_a_time(bf1
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_streamed_blocks_in_any_order_give_the_matrix_quantized_whole(name, monkeypatch):
-    monkeypatch.setattr(quantize, "QUANTIZE_CHUNK_ROWS", 64)
+    for module in (quantize, streaming_quantizer):  # the formats, and the loader that stages blocks for them
+        monkeypatch.setattr(module, "QUANTIZE_CHUNK_ROWS", 64)
     weight = awkward_weight(200, 256)  # 200 rows: blocks of 64, 64, 64 and 8 (int4 pads to 256)
     model = torch.nn.Module()
     model.language = torch.nn.Module()

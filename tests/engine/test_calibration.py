@@ -15,12 +15,13 @@ import pytest
 import torch
 from parity import CHECKPOINTS
 
-from deepseek_vl2 import DeepseekVL2
+from deepseek_vl2 import DeepseekVL2, Engine
 from deepseek_vl2.compute.execution import (
     CHOICES, DEQUANTIZE_MIN_ROWS_CPU, EXECUTION_ENV, Execution, describe, parse_choices, valid_choices,
 )  # fmt: skip
-from deepseek_vl2.engine import calibration
-from deepseek_vl2.engine.calibration import MARGIN, calibrate, choose_execution, machine_key
+from deepseek_vl2.engine import calibration, execution_memory
+from deepseek_vl2.engine.calibration import MARGIN, calibrate, choose_execution
+from deepseek_vl2.engine.execution_memory import machine_key
 from deepseek_vl2.engine.settings import (
     CONCURRENCY_ENV, CPU_DEFAULT_MAX_BATCH, MAX_BATCH_ENV, planned_max_batch,
 )  # fmt: skip
@@ -135,7 +136,7 @@ def test_out_of_budget_choices_keep_their_baseline(bf16_model):
 
 def test_a_calibrated_choice_is_remembered_across_restarts(bf16_model, monkeypatch, tmp_path, caplog):
     store = tmp_path / "execution.json"
-    monkeypatch.setenv(calibration.CACHE_ENV, str(store))
+    monkeypatch.setenv(execution_memory.CACHE_ENV, str(store))
     monkeypatch.delenv(EXECUTION_ENV, raising=False)
     fake_timings(monkeypatch, {
         "many": {"upcast": 100.0, "native": 10.0},
@@ -162,7 +163,7 @@ def test_a_calibrated_choice_is_remembered_across_restarts(bf16_model, monkeypat
 def test_an_unreadable_memory_is_measured_again(bf16_model, monkeypatch, tmp_path):
     store = tmp_path / "execution.json"
     store.write_text("{not json")
-    monkeypatch.setenv(calibration.CACHE_ENV, str(store))
+    monkeypatch.setenv(execution_memory.CACHE_ENV, str(store))
     decision = choose_execution(bf16_model, "auto", rows=4)
     assert decision.source == "calibrated"
     assert json.loads(store.read_text())[machine_key(bf16_model, 4)]["choices"] == decision.choices
@@ -175,10 +176,10 @@ def test_the_default_memory_follows_home_and_an_empty_setting_remembers_nothing(
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv(calibration.CACHE_ENV, raising=False)
+    monkeypatch.delenv(execution_memory.CACHE_ENV, raising=False)
     fake_timings(monkeypatch, QUICK)
     expected = home / ".cache" / "deepseek_vl2" / "execution.json"
-    assert calibration.cache_path() == expected
+    assert execution_memory.cache_path() == expected
     assert choose_execution(bf16_model, "auto", rows=4).source == "calibrated"
     assert machine_key(bf16_model, 4) in json.loads(expected.read_text())
     assert {p.name for p in home.rglob("*") if p.is_file()} == {"execution.json", "execution.json.lock"}
@@ -187,8 +188,8 @@ def test_the_default_memory_follows_home_and_an_empty_setting_remembers_nothing(
 
     # Set empty: nothing is remembered anywhere, not even under HOME.
     expected.unlink()
-    monkeypatch.setenv(calibration.CACHE_ENV, "")
-    assert calibration.cache_path() is None
+    monkeypatch.setenv(execution_memory.CACHE_ENV, "")
+    assert execution_memory.cache_path() is None
     assert choose_execution(bf16_model, "auto", rows=4).source == "calibrated"
     assert not expected.exists()
 
@@ -196,7 +197,7 @@ def test_the_default_memory_follows_home_and_an_empty_setting_remembers_nothing(
 def test_a_bad_setting_fails_loading_with_its_name(monkeypatch):
     monkeypatch.setenv(EXECUTION_ENV, "turbo")
     with pytest.raises(ValueError, match=f"{EXECUTION_ENV} must be auto, upcast, native"):
-        DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mha", dtype=torch.bfloat16)
+        Engine.from_pretrained(CHECKPOINTS / "tiny-mha", dtype=torch.bfloat16, prefix_cache_bytes=0)
 
 
 def test_a_quantized_model_measures_only_its_dense_products():
@@ -221,7 +222,7 @@ def test_quantized_products_dequantize_from_the_measured_crossing_which_is_remem
     model = DeepseekVL2.from_pretrained(
         CHECKPOINTS / "tiny-mla", dtype=torch.bfloat16, execution="upcast", quantize=QuantizeSpec("int4")
     )
-    monkeypatch.setenv(calibration.CACHE_ENV, str(tmp_path / "execution.json"))
+    monkeypatch.setenv(execution_memory.CACHE_ENV, str(tmp_path / "execution.json"))
 
     def measured(runs, rounds=3):  # the kernel is slower than dequantizing from 128 rows on
         if not all(name.startswith(("kernel ", "dequantized ")) for name in runs):
@@ -253,7 +254,7 @@ def test_the_key_holds_the_kernel_level_the_attention_shapes_the_batch_and_the_s
     monkeypatch.undo()
     assert machine_key(bf16_model, 4) == keys["mla"]
     # So is a cap on oneDNN's or MKL's instructions (how tests/kernel_levels.py runs a lower level).
-    for name in calibration.LIBRARY_ISA_ENVS:
+    for name in execution_memory.LIBRARY_ISA_ENVS:
         with monkeypatch.context() as m:
             m.setenv(name, "AVX2" if os.environ.get(name) != "AVX2" else "SSE41")
             assert machine_key(bf16_model, 4) != keys["mla"], name
@@ -269,20 +270,20 @@ def test_the_key_holds_the_kernel_level_the_attention_shapes_the_batch_and_the_s
             m.setattr(mha, name, getattr(mha, name) * 2)
             assert machine_key(fp32_model, 4) != keys["mha"], name
     with monkeypatch.context() as m:
-        m.setattr(calibration, "SCHEME_VERSION", calibration.SCHEME_VERSION + 1)
+        m.setattr(execution_memory, "SCHEME_VERSION", execution_memory.SCHEME_VERSION + 1)
         assert machine_key(bf16_model, 4) != keys["mla"]
 
 
 @pytest.mark.parametrize("scheme", [None, 1, "mixed"], ids=["no scheme", "older scheme", "scheme not a number"])
 def test_a_record_of_another_scheme_is_measured_again(bf16_model, monkeypatch, tmp_path, caplog, scheme):
     store = tmp_path / "execution.json"
-    monkeypatch.setenv(calibration.CACHE_ENV, str(store))
+    monkeypatch.setenv(execution_memory.CACHE_ENV, str(store))
     fake_timings(monkeypatch, QUICK)
     first = choose_execution(bf16_model, "auto", rows=4)
     key = machine_key(bf16_model, 4)
     record = json.loads(store.read_text())[key]
     # The record says which scheme and kernel level it was measured under.
-    assert record["scheme"] == calibration.SCHEME_VERSION
+    assert record["scheme"] == execution_memory.SCHEME_VERSION
     assert record["level"] == torch.backends.cpu.get_cpu_capability()
     assert choose_execution(bf16_model, "auto", rows=4).source == "remembered"
     # The same record, but written by another scheme (or one before schemes): not trusted.
@@ -294,7 +295,7 @@ def test_a_record_of_another_scheme_is_measured_again(bf16_model, monkeypatch, t
     assert again.source == "calibrated" and again.choices == first.choices
     # An older scheme is no fault (no warning); a scheme that is not a number is one warning.
     assert len(memory_problems(caplog)) == (1 if scheme == "mixed" else 0), caplog.text
-    assert json.loads(store.read_text())[key]["scheme"] == calibration.SCHEME_VERSION
+    assert json.loads(store.read_text())[key]["scheme"] == execution_memory.SCHEME_VERSION
 
 
 def spy_rows(monkeypatch) -> dict[str, list[int]]:
@@ -320,7 +321,7 @@ def spy_rows(monkeypatch) -> dict[str, list[int]]:
 
 
 def test_calibration_measures_at_the_batch_the_engine_runs(bf16_model, monkeypatch):
-    monkeypatch.setenv(calibration.CACHE_ENV, "")
+    monkeypatch.setenv(execution_memory.CACHE_ENV, "")
     monkeypatch.delenv(MAX_BATCH_ENV, raising=False)
     monkeypatch.setenv(CONCURRENCY_ENV, "16")  # cog.yaml's concurrency: the engine runs 16 rows
     fake_timings(monkeypatch, {**QUICK, "many": {"upcast": 80.0, "native": 10.0}})  # attention is measured
@@ -342,10 +343,9 @@ def test_calibration_measures_at_the_batch_the_engine_runs(bf16_model, monkeypat
 
 
 def test_the_engine_runs_the_batch_its_model_was_calibrated_at(monkeypatch):
-    from deepseek_vl2 import Engine
 
     monkeypatch.setenv(EXECUTION_ENV, "auto")
-    monkeypatch.setenv(calibration.CACHE_ENV, "")
+    monkeypatch.setenv(execution_memory.CACHE_ENV, "")
     monkeypatch.delenv(MAX_BATCH_ENV, raising=False)
     monkeypatch.setenv(CONCURRENCY_ENV, "16")
     asked: list[int] = []
@@ -378,13 +378,13 @@ BAD_MEMORIES = {
 @pytest.mark.parametrize("content", BAD_MEMORIES.values(), ids=BAD_MEMORIES.keys())
 def test_a_memory_of_the_wrong_shape_costs_one_warning_and_a_measurement(bf16_model, monkeypatch, tmp_path, caplog, content):
     store = tmp_path / "execution.json"
-    monkeypatch.setenv(calibration.CACHE_ENV, str(store))
+    monkeypatch.setenv(execution_memory.CACHE_ENV, str(store))
     fake_timings(monkeypatch, QUICK)
     if isinstance(content, str):
         choices = json.dumps(calibration.baseline_choices(bf16_model.dtype))
         content = ("{%s}" % content if content.startswith("KEY") else content)
         content = content.replace("KEY", json.dumps(machine_key(bf16_model, 4)))
-        content = content.replace("SCHEME", str(calibration.SCHEME_VERSION)).replace("CHOICES", choices).encode()
+        content = content.replace("SCHEME", str(execution_memory.SCHEME_VERSION)).replace("CHOICES", choices).encode()
     store.write_bytes(content)
     with caplog.at_level(logging.INFO):
         decision = choose_execution(bf16_model, "auto", rows=4)
@@ -400,7 +400,7 @@ def test_an_unreadable_or_unusable_memory_costs_one_warning_and_a_measurement(bf
     fake_timings(monkeypatch, QUICK)
     store = tmp_path / "execution.json"
     store.write_text("{}")
-    monkeypatch.setenv(calibration.CACHE_ENV, str(store))
+    monkeypatch.setenv(execution_memory.CACHE_ENV, str(store))
     read_text = Path.read_text
 
     def denied(self, *args, **kwargs):  # EACCES (the tests run as root, who may read anything)
@@ -418,13 +418,13 @@ def test_an_unreadable_or_unusable_memory_costs_one_warning_and_a_measurement(bf
     # The path is a directory: it cannot be read nor replaced; still one warning.
     directory = tmp_path / "a directory"
     directory.mkdir()
-    monkeypatch.setenv(calibration.CACHE_ENV, str(directory))
+    monkeypatch.setenv(execution_memory.CACHE_ENV, str(directory))
     caplog.clear()
     assert choose_execution(bf16_model, "auto", rows=4).source == "calibrated"
     assert len(memory_problems(caplog)) == 1, caplog.text
 
     # No home directory known, or one that cannot hold a file.
-    monkeypatch.delenv(calibration.CACHE_ENV)
+    monkeypatch.delenv(execution_memory.CACHE_ENV)
     with monkeypatch.context() as m:
         m.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("Could not determine home directory"))))
         caplog.clear()
@@ -445,18 +445,18 @@ def test_an_unreadable_or_unusable_memory_costs_one_warning_and_a_measurement(bf
 
 WRITER = """
 import sys, torch
-from deepseek_vl2 import calibration
-from deepseek_vl2.engine.calibration import Decision, remember
-path, key = calibration.Path(sys.argv[1]), sys.argv[2]
+from deepseek_vl2.engine import execution_memory
+from deepseek_vl2.engine.execution_memory import Decision, remember
+path, key = execution_memory.Path(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)
-original = calibration._records_on_disk
+original = execution_memory._records_on_disk
 
 def slow_read(p):  # both writers read before either replaces, unless the lock orders them
     records = original(p)
     import time; time.sleep(0.5)
     return records
 
-calibration._records_on_disk = slow_read
+execution_memory._records_on_disk = slow_read
 remember(path, key, Decision({"many": "native", "few": "plain", "attention": "native"}, "calibrated"))
 """
 
@@ -470,19 +470,19 @@ def test_two_processes_remembering_at_once_keep_both_records(tmp_path):
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     records = json.loads(store.read_text())
     assert set(records) == {"first", "second"}
-    assert all(r["scheme"] == calibration.SCHEME_VERSION for r in records.values())
+    assert all(r["scheme"] == execution_memory.SCHEME_VERSION for r in records.values())
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_two_threads_remembering_at_once_keep_both_records(tmp_path):
     store = tmp_path / "execution.json"
-    decision = calibration.Decision({"many": "native", "few": "plain", "attention": "native"}, "calibrated")
+    decision = execution_memory.Decision({"many": "native", "few": "plain", "attention": "native"}, "calibrated")
     barrier = threading.Barrier(8)
 
     def write(key: str) -> None:
         barrier.wait()
         for round_ in range(5):
-            calibration.remember(store, f"{key}/{round_}", decision)
+            execution_memory.remember(store, f"{key}/{round_}", decision)
 
     threads = [threading.Thread(target=write, args=(f"thread {i}",)) for i in range(8)]
     for t in threads:
