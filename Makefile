@@ -33,7 +33,7 @@ test: venv
 # the HTTP soak of the real server (scripts/soak.py). About 20 minutes on two CPU cores.
 SEEDS ?= 500
 soak: venv
-	SEEDS=$(SEEDS) $(PY) -m pytest -q -s tests/test_schedules.py
+	SEEDS=$(SEEDS) $(PY) -m pytest -q -s tests/engine/test_schedules.py
 	$(PY) scripts/soak.py
 
 # Random weights in the real layout: the demo's answers are noise.

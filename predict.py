@@ -20,9 +20,9 @@ from cog import BaseModel, BasePredictor, FieldInfo, Input, Path
 from PIL import Image
 
 from deepseek_vl2 import Engine, GenerationResult, build_messages
-from deepseek_vl2.grounding import render_grounding
-from deepseek_vl2.images import load_image, local_files_allowed
-from deepseek_vl2.weights import is_demo_checkpoint, resolve_weights
+from deepseek_vl2.inputs.grounding import render_grounding
+from deepseek_vl2.inputs.images import load_image, local_files_allowed
+from deepseek_vl2.serving.weights import is_demo_checkpoint, resolve_weights
 
 logger = logging.getLogger("deepseek_vl2.predict")
 

@@ -1,17 +1,17 @@
 """DeepSeek-VL2 inference: model, processor and generation engine, weight-compatible with the
 official Hugging Face checkpoints."""
 
-from .checkpoint import CheckpointError, checkpoint_manifest
-from .config import ConfigError, DeepseekVL2Config
-from .conversation import build_messages
-from .engine import ContextOverflowError, Engine, GenerationResult
-from .grounding import GroundedObject, parse_grounding, render_grounding
-from .images import ImageInputError, load_image
-from .model import DeepseekVL2
-from .processor import Processor, ProcessorOutput
-from .sampling import SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer
-from .weights import WeightsNotFoundError, resolve_weights
+from .engine.engine import ContextOverflowError, Engine, GenerationResult
+from .engine.sampling import SamplingParams
+from .inputs.conversation import build_messages
+from .inputs.grounding import GroundedObject, parse_grounding, render_grounding
+from .inputs.images import ImageInputError, load_image
+from .inputs.processor import Processor, ProcessorOutput
+from .inputs.tokenizer import StreamDecoder, Tokenizer
+from .model.checkpoint import CheckpointError, checkpoint_manifest
+from .model.config import ConfigError, DeepseekVL2Config
+from .model.model import DeepseekVL2
+from .serving.weights import WeightsNotFoundError, resolve_weights
 
 __all__ = [
     # model

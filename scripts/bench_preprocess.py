@@ -21,8 +21,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from PIL import Image  # noqa: E402
 
 from deepseek_vl2 import Processor, build_messages  # noqa: E402
-from deepseek_vl2.conversation import parse_conversation  # noqa: E402
-from deepseek_vl2.tiling import choose_grids, image_token_count, normalize_tiles, render_tiles  # noqa: E402
+from deepseek_vl2.inputs.conversation import parse_conversation  # noqa: E402
+from deepseek_vl2.inputs.tiling import choose_grids, image_token_count, normalize_tiles, render_tiles  # noqa: E402
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Micro-benchmark of the quantized products (deepseek_vl2/quantize.py) on tiny's real shapes.
+"""Micro-benchmark of the quantized products (deepseek_vl2/compute/quantized.py) on tiny's real shapes.
 
 For each weight shape and row count: the bf16 product as the model runs it today
 (`Execution.for_device`), each quantized weight's kernel, and the dequantize-then-dense path that
@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deepseek_vl2.execution import Execution, scratch  # noqa: E402
-from deepseek_vl2.quantize import QuantizeSpec, cpu_int4_layout  # noqa: E402
+from deepseek_vl2.compute.execution import Execution, scratch  # noqa: E402
+from deepseek_vl2.compute.int4_layout import cpu_int4_layout  # noqa: E402
+from deepseek_vl2.compute.quantized import QuantizeSpec  # noqa: E402
 
 # (out, in) of tiny's language-model products.
 SHAPES = {

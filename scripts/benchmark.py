@@ -12,7 +12,7 @@ every request decodes the full length.
 With --repeat-image: two different questions about the seed image, one after the other; the
 second reuses the first's image prefix from the prefix cache.
 
-With --quantize int8|int4: the language model's linear weights quantized (deepseek_vl2/quantize.py),
+With --quantize int8|int4: the language model's linear weights quantized (deepseek_vl2/compute/quantized.py),
 built directly in quantized form one tensor at a time, so a variant too large for memory in bf16
 still runs; one mode per run, to be compared with a run of another mode.
 
@@ -50,10 +50,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, GenerationResult, Processor  # noqa: E402
-from deepseek_vl2.quantize import MODES, QuantizeSpec, quantize_model, quantized_bytes  # noqa: E402
-from deepseek_vl2.settings import DTYPES, default_device, default_dtype  # noqa: E402
-from deepseek_vl2.random_weights import randomize_  # noqa: E402
-from deepseek_vl2.runner import cache_bytes_per_row  # noqa: E402
+from deepseek_vl2.compute.quantized import MODES, QuantizeSpec  # noqa: E402
+from deepseek_vl2.engine.calibration import choose_execution  # noqa: E402
+from deepseek_vl2.engine.runner import cache_bytes_per_row  # noqa: E402
+from deepseek_vl2.engine.settings import DTYPES, default_device, default_dtype  # noqa: E402
+from deepseek_vl2.model.quantized_modules import quantize_model, quantized_bytes  # noqa: E402
+from deepseek_vl2.model.random_weights import randomize_  # noqa: E402
 
 MANIFESTS = ROOT / "tests" / "fixtures" / "manifests"
 TOKENIZER = ROOT / "deepseek_vl2" / "assets" / "tokenizer"
@@ -280,7 +282,7 @@ def main() -> None:
         started = time.perf_counter()
         model = random_model(config, device, dtype, quantize)
         built["seconds"] = time.perf_counter() - started
-        built["decision"] = model.choose_execution(args.execution, rows=max(levels))
+        built["decision"] = choose_execution(model, args.execution, rows=max(levels))
         return model
 
     compile_decode = None if args.compile is None else args.compile == "on"

@@ -18,8 +18,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from deepseek_vl2.local_server import LocalCogServer, ServerError  # noqa: E402
-from deepseek_vl2.weights import WEIGHTS_ENV, is_checkpoint_dir, is_demo_checkpoint  # noqa: E402
+from deepseek_vl2.serving.local_server import LocalCogServer, ServerError  # noqa: E402
+from deepseek_vl2.serving.weights import WEIGHTS_ENV, is_checkpoint_dir, is_demo_checkpoint  # noqa: E402
 
 EXAMPLE_IMAGE = PROJECT_ROOT / "examples" / "vqa_1.jpg"
 EXAMPLE_TEXT = "Describe each stage of this image in detail"

@@ -17,12 +17,9 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from deepseek_vl2.weights import (  # noqa: E402
-    DEFAULT_VARIANT,
-    KNOWN_VARIANTS,
-    WeightsNotFoundError,
-    download_weights,
-)
+from deepseek_vl2.serving.weights import (
+    DEFAULT_VARIANT, KNOWN_VARIANTS, WeightsNotFoundError, download_weights,
+)  # fmt: skip
 
 
 def main() -> int:

@@ -5,18 +5,18 @@ the released variants' real dimensions, in one run meant to fit a 10-minute limi
 Stages, in this order (cheapest and most telling first, so that a run cut short still holds them):
 
   stage            what                                                         planned time
-  parity-eager     pytest on CUDA with eager decode: fp32 tests/test_model.py    1-2 min
-                   and tests/test_engine.py, then bf16 tests/test_bf16.py
+  parity-eager     pytest on CUDA with eager decode: fp32 tests/model/test_model.py    1-2 min
+                   and tests/engine/test_engine.py, then bf16 tests/model/test_bf16.py
   bench-eager      tiny, small, base in bf16, decode eager: seed-image and       about 2 min
                    text-only prompts at concurrency 1 and 8
   parity-compiled  pytest on CUDA with the decode step compiled (batch 1):       2-3 min
-                   fp32 tests/test_engine.py, then the bf16 greedy tests
+                   fp32 tests/engine/test_engine.py, then the bf16 greedy tests
   bench-compiled   as bench-eager with the decode step compiled: one CUDA graph  2-3 min a variant
                    per batch bucket (1, 2, 4, 8), compiled when the engine starts
-  parity-quantized pytest on CUDA, eager decode: tests/test_quantize.py (int8 and  1-2 min
+  parity-quantized pytest on CUDA, eager decode: tests/compute/test_quantized.py (int8 and  1-2 min
                    int4 logit drift and int8 greedy against bf16 on the fixtures)
   bench-quantized  as bench-eager with the language model's linear weights in   about 2 min a mode
-                   int8, then int4 (DEEPSEEK_VL2_QUANTIZE; quantize.py)
+                   int8, then int4 (DEEPSEEK_VL2_QUANTIZE; compute/quantized.py)
 
 The planned times are estimates: none of this had run on a GPU when it was written. A step (one
 pytest run, one variant's configuration) starts only while enough time is left before --deadline-s
@@ -63,11 +63,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark import (  # noqa: E402
-    ROOT, TOKENIZER, config_for, decode_bytes_per_token, measure_bandwidth, random_model, request, run_level,
+    ROOT,
+    TOKENIZER,
+    config_for,
+    decode_bytes_per_token,
+    measure_bandwidth,
+    random_model,
+    request,
+    run_level,
 )  # fmt: skip
+
 from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, Processor  # noqa: E402
-from deepseek_vl2.quantize import QuantizeSpec, quantize_model, quantized_bytes  # noqa: E402
-from deepseek_vl2.settings import MAX_BATCH_ENV  # noqa: E402
+from deepseek_vl2.compute.quantized import QuantizeSpec  # noqa: E402
+from deepseek_vl2.engine.settings import MAX_BATCH_ENV  # noqa: E402
+from deepseek_vl2.model.quantized_modules import quantize_model, quantized_bytes  # noqa: E402
 
 NO_CUDA_MESSAGE = "no CUDA device: gpu-check needs an NVIDIA GPU; the CPU checks are `make test`"
 EXIT_NO_CUDA = 2
@@ -150,15 +159,15 @@ class ParityRun:
 
 PARITY_RUNS = {
     "parity-eager": (
-        ParityRun("fp32 eager", "float32", False, ("tests/test_model.py", "tests/test_engine.py")),
-        ParityRun("bf16 eager", "bfloat16", False, ("tests/test_bf16.py",)),
+        ParityRun("fp32 eager", "float32", False, ("tests/model/test_model.py", "tests/engine/test_engine.py")),
+        ParityRun("bf16 eager", "bfloat16", False, ("tests/model/test_bf16.py",)),
     ),
     "parity-compiled": (
-        ParityRun("fp32 compiled", "float32", True, ("tests/test_engine.py",)),
+        ParityRun("fp32 compiled", "float32", True, ("tests/engine/test_engine.py",)),
         # Only the engine's tests: the logits test runs no decode step.
-        ParityRun("bf16 compiled", "bfloat16", True, ("tests/test_bf16.py",), select="greedy"),
+        ParityRun("bf16 compiled", "bfloat16", True, ("tests/model/test_bf16.py",), select="greedy"),
     ),
-    "parity-quantized": (ParityRun("int8/int4 eager", "bfloat16", False, ("tests/test_quantize.py",)),),
+    "parity-quantized": (ParityRun("int8/int4 eager", "bfloat16", False, ("tests/compute/test_quantized.py",)),),
 }
 
 

@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from deepseek_vl2.checkpoint import checkpoint_manifest  # noqa: E402
-from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
-from deepseek_vl2.random_weights import random_tensor  # noqa: E402
-from deepseek_vl2.weights import DEMO_MARKER  # noqa: E402
+from deepseek_vl2.model.checkpoint import checkpoint_manifest  # noqa: E402
+from deepseek_vl2.model.config import DeepseekVL2Config  # noqa: E402
+from deepseek_vl2.model.random_weights import random_tensor  # noqa: E402
+from deepseek_vl2.serving.weights import DEMO_MARKER  # noqa: E402
 
 TOKENIZER_ASSETS = PROJECT_ROOT / "deepseek_vl2" / "assets" / "tokenizer"
 TOKENIZER_FILES = (

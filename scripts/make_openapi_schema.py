@@ -2,7 +2,7 @@
 """Regenerate `.cog/openapi_schema.json` from the Predictor signature in predict.py.
 
 coglet validates HTTP inputs only when this file exists (normally `cog build` writes it). Run
-`make schema` after changing predict()'s inputs or output; tests/test_schema.py fails when the
+`make schema` after changing predict()'s inputs or output; tests/serving/test_schema.py fails when the
 committed file is stale. `--check` only compares and exits 1 on a difference.
 """
 
@@ -17,7 +17,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = PROJECT_ROOT / ".cog" / "openapi_schema.json"
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from deepseek_vl2.openapi import build_openapi_schema, render  # noqa: E402
+from deepseek_vl2.serving.openapi import build_openapi_schema, render  # noqa: E402
 
 
 def main() -> int:

@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import TEXT_PROMPT, TOKENIZER, config_for, random_model  # noqa: E402
 from bench_quantize import cpu_name  # noqa: E402
+from benchmark import TEXT_PROMPT, TOKENIZER, config_for, random_model  # noqa: E402
+
 from deepseek_vl2 import DeepseekVL2, Processor  # noqa: E402
-from deepseek_vl2.quantize import QuantizeSpec  # noqa: E402
+from deepseek_vl2.compute.quantized import QuantizeSpec  # noqa: E402
 
 
 def logits_at_every_position(model: DeepseekVL2, ids: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deepseek_vl2 import Engine, build_messages, load_image  # noqa: E402
-from deepseek_vl2.local_server import HOST, LocalCogServer  # noqa: E402
+from deepseek_vl2.serving.local_server import HOST, LocalCogServer  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 CHECKPOINT = FIXTURES / "checkpoints" / "tiny-mla"

@@ -18,17 +18,17 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 
 import torch
+from parity import CHECKPOINTS, case, conversation
 from PIL import Image
 
 from deepseek_vl2 import DeepseekVL2, Engine, Processor, SamplingParams
-from deepseek_vl2.model import tile_ranges
-from deepseek_vl2.prefix_cache import PrefixCache
-from deepseek_vl2.request import Event, Request, Stage
-from deepseek_vl2.sampling import Sampler
-from deepseek_vl2.scheduler import RequestCancelled, Scheduler
-from parity import CHECKPOINTS, case, conversation
+from deepseek_vl2.engine.prefix_cache import PrefixCache
+from deepseek_vl2.engine.request import Event, Request, Stage
+from deepseek_vl2.engine.sampling import Sampler
+from deepseek_vl2.engine.scheduler import RequestCancelled, Scheduler
+from deepseek_vl2.model.model import tile_ranges
 
-REPLAY = "SEEDS={seed} .venv/bin/python -m pytest -q tests/test_schedules.py"
+REPLAY = "SEEDS={seed} .venv/bin/python -m pytest -q tests/engine/test_schedules.py"
 CHECKPOINT_NAMES = ("tiny-mha", "tiny-mla-noaux")
 # Fixture cases and how often a workload asks them: text only, one tiled image, two tiled images,
 # three single-tile images, and a conversation with an image in each of two user turns.

@@ -14,13 +14,13 @@ from typing import Any
 
 import cog
 import pytest
+from parity import served_answer
 from PIL import Image
 
 import predict
-from deepseek_vl2.grounding import PALETTE, to_pixel_box
-from deepseek_vl2.images import ALLOW_LOCAL_FILES_ENV
-from deepseek_vl2.request import Timings
-from parity import served_answer
+from deepseek_vl2.engine.request import Timings
+from deepseek_vl2.inputs.grounding import PALETTE, to_pixel_box
+from deepseek_vl2.inputs.images import ALLOW_LOCAL_FILES_ENV
 
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"

@@ -1,0 +1,330 @@
+"""Continuous batching: step after step, admit a queued request into a free cache row, advance the
+request being admitted by one unit of work, and decode every running request in one batched step.
+
+Whoever owns the scheduler calls `step`: the engine's thread (engine_thread.py) while there is
+work, or a test, which then decides exactly what arrives and what is cancelled before each step.
+
+A request's way through the scheduler follows its stage (request.py):
+
+- QUEUED: in `waiting`, until a row is free and no other request is being admitted.
+- ENCODING: `admitting`, in its own row. Admission takes what the prefix cache holds (a KV prefix
+  copied into the row, image spans) and leaves the other images' tiles to the vision tower.
+- PREFILLING: still `admitting`. Once every tile is encoded, the prompt's embeddings are built and
+  written into the row chunk by chunk; the last chunk gives the first token.
+- DECODING: in `running`, one token per step.
+- FINISHED: its last event is sent and its row is free.
+
+Chunk budget: while requests are decoding, a step does at most one unit of admission work (a vision
+batch of up to `vision_chunk_tiles` tiles, or a prefill chunk of up to `prefill_chunk_size` tokens)
+and then one decode step of all running requests, so a new prompt delays the running answers by at
+most one such unit per token. With nothing decoding, a prompt's vision and prefill each run as one
+unit: chunks would protect nobody and only add per-chunk costs.
+
+Cache rows: running requests occupy rows 0..B-1 in the order of `running`, so a decode step reads a
+slice of the cache. A request is admitted into the first row after them and moved down when it
+joins the batch, if a row below it was freed meanwhile; when a running request leaves, the last one
+moves into its row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+
+from ..model.model import tile_ranges
+from .prefix_cache import PrefixCache
+from .request import Encoding, Prefill, Request, Stage
+from .runner import ModelRunner
+from .sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class RequestCancelled(Exception):
+    """The request was cancelled before it finished."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed while the request was still queued or running."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        eos_id: int,
+        prefill_chunk_size: int,
+        vision_chunk_tiles: int,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
+        if prefill_chunk_size < 1 or vision_chunk_tiles < 1:
+            raise ValueError(
+                f"chunk sizes must be >= 1, got prefill {prefill_chunk_size}, vision {vision_chunk_tiles}"
+            )
+        self.runner = runner
+        self.eos_id = eos_id
+        self.prefill_chunk_size = prefill_chunk_size
+        self.vision_chunk_tiles = vision_chunk_tiles
+        self.prefix_cache = prefix_cache  # used by the stepping thread only
+        self.vocab_size = runner.model.config.language.vocab_size
+        self.waiting: deque[Request] = deque()  # QUEUED; shared with submitting threads: under _lock
+        self.admitting: Request | None = None  # ENCODING or PREFILLING, in its own row
+        self.running: list[Request] = []  # DECODING; running[i] occupies cache row i
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ---- called from any thread -------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.admitting or self.running)
+
+    @property
+    def busy_rows(self) -> int:
+        return len(self.running) + (self.admitting is not None)
+
+    # ---- called from the stepping thread ----------------------------------------------------
+
+    def close(self) -> None:
+        """Refuse new requests and fail every unfinished one with EngineClosed."""
+        with self._lock:
+            self._closed = True
+        self.fail_all(EngineClosed("the engine was closed before this request finished"))
+
+    def fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            pending, self.waiting = list(self.waiting), deque()
+        pending += self.running + ([self.admitting] if self.admitting else [])
+        self.running, self.admitting = [], None
+        for request in pending:
+            self._finish(request, error)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self.admitting is not None:
+            request = self.admitting
+            try:
+                self._advance(request)
+            except Exception as error:  # e.g. no memory for its prompt: fail it, not the others
+                log.exception("request %d failed while %s", request.id, request.stage.value)
+                self.admitting = None
+                self._finish(request, error)
+        if self.running:
+            try:
+                self._decode()
+            except Exception as error:
+                log.exception("decode step failed; failing its %d requests", len(self.running))
+                failed, self.running = self.running, []
+                for request in failed:
+                    self._finish(request, error)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled = [r for r in self.waiting if r.cancelled]
+            for request in cancelled:
+                self.waiting.remove(request)
+        if self.admitting is not None and self.admitting.cancelled:
+            cancelled.append(self.admitting)
+            self.admitting = None  # its row was never part of the batch: nothing to move
+        rows = [i for i, r in enumerate(self.running) if r.cancelled]
+        cancelled += [self.running[i] for i in rows]
+        self._retire(rows)
+        for request in cancelled:
+            log.info(
+                "request %d cancelled after %d tokens, while %s",
+                request.id, len(request.tokens), request.stage.value,
+            )  # fmt: skip
+            self._finish(request, RequestCancelled(f"request {request.id} was cancelled"))
+
+    # ---- QUEUED -> ENCODING ------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Give the first queued request the row after the running ones, when one is free and no
+        other request is being admitted."""
+        if self.admitting is not None or len(self.running) >= self.runner.max_batch:
+            return
+        with self._lock:
+            if not self.waiting:
+                return
+            request = self.waiting.popleft()
+        request.row = len(self.running)
+        request.timings.queue_s = time.perf_counter() - request.timings.started - request.timings.preprocess_s
+        self.admitting = request
+        try:
+            request.enter(Stage.ENCODING, self._plan(request))
+        except Exception as error:  # e.g. no memory for its copy: fail this request, not the others
+            log.exception("request %d failed at admission", request.id)
+            self.admitting = None
+            self._finish(request, error)
+            return
+        log.info(
+            "request %d: prefilling %d of %d prompt tokens (%d image tiles to encode) in cache "
+            "row %d; %d running, %d queued",
+            request.id, request.prompt_len - request.prefilled, request.prompt_len,
+            request.encoding.tiles.shape[0], request.row, len(self.running), len(self.waiting),
+        )  # fmt: skip
+
+    def _plan(self, request: Request) -> Encoding:
+        """Copy the longest cached prefix of the prompt into the request's row, take the cached
+        spans of the images after it, and leave the other images to the vision tower."""
+        crops = request.inputs.images_spatial_crop[0].tolist()
+        after_prefix = list(range(len(crops)))
+        spans: dict[int, torch.Tensor] = {}
+        cache, keys = self.prefix_cache, request.keys
+        if cache is not None and keys is not None:
+            hit = cache.longest_prefix(keys, request.prompt_len)
+            if hit is not None:
+                length, prefix = hit
+                self.runner.write_prefix(request.row, prefix)
+                request.prefilled = request.cached_prompt_tokens = length
+            after_prefix = [i for i, (start, _) in enumerate(keys.spans) if start >= request.prefilled]
+            for image in after_prefix:
+                span = cache.image(keys.images[image])
+                if span is not None:
+                    spans[image] = span
+            log.info(
+                "request %d: prefix cache %s: %d of %d prompt tokens reused, %d of %d image "
+                "embeddings cached", request.id, "hit" if hit else "miss", request.prefilled,
+                request.prompt_len, len(spans), len(after_prefix),
+            )  # fmt: skip
+        encode = [image for image in after_prefix if image not in spans]
+        ranges = tile_ranges(crops)
+        all_tiles = request.inputs.pixel_values[0]
+        tiles = torch.cat([all_tiles[ranges[image]] for image in encode] or [all_tiles[:0]])
+        return Encoding(encode, tiles, spans)
+
+    # ---- ENCODING -> PREFILLING -> DECODING --------------------------------------------------
+
+    def _advance(self, request: Request) -> None:
+        """One unit of admission work: a vision batch while tiles remain, else a prefill chunk."""
+        if request.stage is Stage.ENCODING:
+            if not request.encoding.done:
+                self._encode_batch(request)
+                return
+            request.enter(Stage.PREFILLING, self._embed_prompt(request))
+        self._prefill_chunk(request)
+
+    def _encode_batch(self, request: Request) -> None:
+        encoding, started = request.encoding, time.perf_counter()
+        total = encoding.tiles.shape[0]
+        done = encoding.encoded
+        batch = encoding.tiles[done : done + (self.vision_chunk_tiles if self.running else total)]
+        encoding.features.append(self.runner.encode_tiles(batch))
+        self.runner.synchronize()
+        request.timings.vision_s += time.perf_counter() - started
+        self._report(request, "vision", encoding.encoded, total, batch.shape[0], "tiles")
+
+    def _embed_prompt(self, request: Request) -> Prefill:
+        """The prompt's embeddings after the reused prefix, from every image's span; the encoded
+        images' spans are offered to the prefix cache."""
+        encoding, spans = request.encoding, dict(request.encoding.spans)
+        if encoding.images:
+            encoded = self.runner.image_spans(request.inputs, encoding.images, torch.cat(encoding.features))
+            for image, span in zip(encoding.images, encoded):
+                spans[image] = span
+                if self.prefix_cache is not None and request.keys is not None:
+                    self.prefix_cache.put(request.keys.images[image], [span], span.shape[0])
+        ordered = [spans[image] for image in sorted(spans)]
+        embeds = self.runner.prompt_embeds(request.inputs, request.prefilled, ordered)
+        return Prefill(embeds, start=request.prefilled)
+
+    def _prefill_chunk(self, request: Request) -> None:
+        """Write the next chunk of the prompt into the row; after the last, sample the first
+        token and move the request into the batch (or finish it)."""
+        prefill, started = request.prefill, time.perf_counter()
+        start = request.prefilled
+        budget = self.prefill_chunk_size if self.running else request.prompt_len
+        end = min(start + budget, request.prompt_len)
+        chunk = prefill.embeds[start - prefill.start : end - prefill.start]
+        hidden = self.runner.prefill(request.row, chunk, start)
+        request.prefilled = end
+        self._report(request, "prefill", end, request.prompt_len, end - start, "tokens")
+        if end < request.prompt_len:
+            self.runner.synchronize()
+            request.timings.prefill_s += time.perf_counter() - started
+            return
+        self._store_prefix(request)
+        input_ids = request.inputs.input_ids.to(self.runner.device)
+        request.sampler = Sampler(request.params, self.vocab_size, input_ids)
+        token = int(request.sampler(self.runner.logits(hidden[None]))[0])
+        request.timings.prefill_s += time.perf_counter() - started
+        self.admitting = None
+        if self._accept(request, token):
+            self._finish(request)
+            return
+        request.enter(Stage.DECODING)
+        target = len(self.running)
+        self.runner.move_row(request.row, target, request.cached_len)
+        request.row = target
+        self.running.append(request)
+
+    def _store_prefix(self, request: Request) -> None:
+        """Offer the prefix ending with the prompt's last image, now wholly in the cache row."""
+        keys = request.keys
+        if self.prefix_cache is None or keys is None or not keys.spans:
+            return
+        length = keys.spans[-1][1]
+        if length > request.cached_prompt_tokens:
+            self.prefix_cache.put(keys.prefixes[-1], self.runner.read_prefix(request.row, length), length)
+
+    @staticmethod
+    def _report(request: Request, stage: str, done: int, total: int, unit: int, what: str) -> None:
+        """Tell the request's progress callback after every unit of work; log each quarter of a
+        stage that takes several units (a single unit says nothing the finish line does not)."""
+        request.report(stage, done, total)
+        if unit < total and (done == total or done * 4 // total != (done - unit) * 4 // total):
+            log.info("request %d: %s %d/%d %s", request.id, stage, done, total, what)
+
+    # ---- DECODING -> FINISHED ----------------------------------------------------------------
+
+    def _decode(self) -> None:
+        tokens = torch.tensor([r.tokens[-1] for r in self.running], device=self.runner.device)
+        logits = self.runner.decode(tokens, [r.cached_len for r in self.running])
+        # Each row samples with its own settings and generator, so its tokens never depend on
+        # which other requests share the batch.
+        sampled = [r.sampler(logits[i : i + 1]) for i, r in enumerate(self.running)]
+        next_tokens = torch.cat(sampled).tolist()
+        finished = [i for i, (r, t) in enumerate(zip(self.running, next_tokens)) if self._accept(r, t)]
+        done = [self.running[i] for i in finished]
+        self._retire(finished)
+        for request in done:
+            self._finish(request)
+
+    def _accept(self, request: Request, token: int) -> bool:
+        """Record and send a new token; True when the request is complete."""
+        request.tokens.append(token)
+        request.timings.token_times.append(time.perf_counter() - request.timings.started)
+        request.emit(token)
+        return token == self.eos_id or len(request.tokens) >= request.max_new_tokens
+
+    def _retire(self, indices: list[int]) -> None:
+        """Remove running[i] for each i, keeping the rest in rows 0..B-1: the last running request
+        moves into each freed row (highest indices first, so every move stays valid)."""
+        for index in sorted(indices, reverse=True):
+            last = self.running.pop()
+            if index < len(self.running):
+                self.runner.move_row(last.row, index, last.cached_len)
+                last.row, self.running[index] = index, last
+
+    def _finish(self, request: Request, error: BaseException | None = None) -> None:
+        request.row = -1
+        request.enter(Stage.FINISHED)
+        if error is None:
+            t = request.timings
+            log.info(
+                "request %d finished: %d tokens, first after %.2f s, %.1f tokens/s",
+                request.id, len(request.tokens), t.first_token_s, t.decode_tokens_per_s,
+            )  # fmt: skip
+        request.emit(error)
