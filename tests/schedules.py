@@ -139,6 +139,7 @@ def recorded_logits() -> Iterator[dict[int, list[torch.Tensor]]]:
 class Solo:
     tokens: tuple[int, ...]
     logits: tuple[torch.Tensor, ...]  # what each token was sampled from
+    eos_id: int
 
 
 @cache
@@ -152,7 +153,8 @@ def solo(job: Job) -> Solo:
         request = engine.submit(*job.conversation(), job.max_new_tokens, job.params, events.append)
         drain(engine.scheduler)
     assert events and events[-1] is None, events
-    return Solo(tuple(events[:-1]), tuple(logits.get(id(request.sampler), [])))  # type: ignore[arg-type]
+    tokens, sampled = tuple(events[:-1]), tuple(logits.get(id(request.sampler), []))
+    return Solo(tokens, sampled, engine.eos_id)  # type: ignore[arg-type]
 
 
 @cache
@@ -420,18 +422,34 @@ def check_answers(tracked: list[Tracked]) -> None:
 
 def check_sampling_flip(index: int, t: Tracked, alone: Solo) -> None:
     """Seeded sampling that left the solo tokens: allowed only where fp32 noise moved a draw
-    across a boundary. Up to the first different token the logits must equal the solo ones
-    within LOGIT_NOISE, and a fresh sampler with the request's seed, given the logits the request
-    was given, must draw exactly its tokens (its own generator, nothing shared)."""
-    tokens = t.events[:-1]
-    first = next((i for i, (a, b) in enumerate(zip(tokens, alone.tokens)) if a != b), len(tokens) - 1)
+    across a boundary. The answer must really diverge: a first index, within both answers, where
+    their tokens differ (an answer that is only a prefix of the solo one, or empty, is a request
+    cut short, not a flip). Unless it was cancelled or failed, its length must be what the
+    scheduler's stopping rule gives its own tokens (Scheduler._accept): EOS only as its last
+    token, and max_new_tokens tokens unless it ends with EOS; so as long as the solo answer's when
+    neither stopped on EOS. Up to the divergence the logits must equal the solo ones within
+    LOGIT_NOISE, and a fresh sampler with the request's seed, given the logits the request was
+    given, must draw exactly its tokens (its own generator, nothing shared)."""
+    tokens, request = t.events[:-1], t.request
+    assert request is not None
+    first = next((i for i, (a, b) in enumerate(zip(tokens, alone.tokens)) if a != b), None)
+    assert first is not None, (
+        f"#{index} got {tokens}, alone {list(alone.tokens)}: no token differs, it is only shorter or longer"
+    )
+    if t.events[-1] is None:  # it ran to its end: that end must follow the stopping rule
+        eos = alone.eos_id
+        assert eos not in tokens[:-1], f"#{index} went on after EOS: {tokens}"
+        if tokens[-1] != eos:
+            assert len(tokens) == request.max_new_tokens, (
+                f"#{index} stopped after {len(tokens)} of {request.max_new_tokens} tokens without EOS: {tokens}"
+            )
+        assert len(tokens) <= request.max_new_tokens, f"#{index} got {len(tokens)} of {request.max_new_tokens} tokens"
     given = t.logits
     assert len(given) == len(tokens), (index, len(given), len(tokens))
     for step in range(first + 1):
         gap = float((given[step] - alone.logits[step]).abs().max())
         assert gap <= LOGIT_NOISE, f"#{index}: logits {gap:.2e} from the solo ones at token {step}"
-    assert t.request is not None
-    replay = Sampler(t.arrival.job.params, given[0].shape[-1], t.request.inputs.input_ids)
+    replay = Sampler(t.arrival.job.params, given[0].shape[-1], request.inputs.input_ids)
     drawn = [int(replay(logits[None])[0]) for logits in given]
     assert drawn == tokens, f"#{index}: its seed draws {drawn} from its logits, it got {tokens}"
     t.flipped = True
