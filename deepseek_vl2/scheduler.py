@@ -193,7 +193,8 @@ class Scheduler:
         ending = [r for r in self.in_flight if r.stage in stages]
         if self.admitting is not None and self.admitting.stage in stages:
             self.admitting = None
-        self.running = [r for r in self.running if r.stage not in stages]
+        if Stage.DECODING in stages:  # also those finished this step, still there while rows move
+            self.running = []
         for request in ending:
             stage = request.stage
             self._finish(request, None if self._complete(request) else error(request, stage))
