@@ -19,7 +19,9 @@ from deepseek_vl2.sampling import Sampler
 from deepseek_vl2.scheduler import RequestCancelled
 from schedules import Arrival, Job, Solo, Stats, Tracked, check_sampling_flip, explore
 
-CI_SEEDS = range(24)
+# Seed 107: a row move fails while requests that just finished still hold their rows (it found
+# finished requests left in the batch after the failure).
+CI_SEEDS = [*range(24), 107]
 
 
 def seeds(spec: str | None) -> list[int]:
