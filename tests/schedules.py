@@ -30,7 +30,7 @@ from deepseek_vl2.sampling import Sampler
 from deepseek_vl2.scheduler import RequestCancelled, Scheduler
 from parity import CHECKPOINTS, case, conversation
 
-REPLAY = "SEEDS={seed} .venv/bin/python -m pytest -q tests/test_schedules.py"
+REPLAY = "SEEDS={seed}-{seed} .venv/bin/python -m pytest -q tests/test_schedules.py"
 CHECKPOINT_NAMES = ("tiny-mha", "tiny-mla-noaux")
 # Fixture cases and how often a workload asks them: text only, one tiled image, two tiled images,
 # three single-tile images, and a conversation with an image in each of two user turns.
