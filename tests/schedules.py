@@ -2,7 +2,8 @@
 
 A seed draws a whole run: the checkpoint, the engine's settings (rows, chunk sizes, prefix cache),
 a workload of requests made from the fixture cases, when each arrives and whether and at which
-stage it is cancelled. The harness then steps the scheduler itself, from this thread, and after
+stage it is cancelled; and, for a share of the seeds, a fault: the Nth call of one of the runner's
+methods or of a sampler raises, and one more request arrives after it. The harness then steps the scheduler itself, from this thread, and after
 every step checks the invariants; after the drain, every finished request must have the tokens it
 gets alone on a fresh engine with the prefix cache off. Nothing depends on timing, so a seed
 replays exactly.
@@ -10,9 +11,10 @@ replays exactly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -23,12 +25,12 @@ from PIL import Image
 
 from deepseek_vl2 import DeepseekVL2, Engine, Processor, SamplingParams
 from deepseek_vl2.engine.prefix_cache import PrefixCache
-from deepseek_vl2.engine.request import Event, Request, Stage
+from deepseek_vl2.engine.request import IN_FLIGHT, Event, Request, Stage
 from deepseek_vl2.engine.sampling import Sampler
 from deepseek_vl2.engine.scheduler import RequestCancelled, Scheduler
 from deepseek_vl2.model.model import tile_ranges
 
-REPLAY = "SEEDS={seed} .venv/bin/python -m pytest -q tests/engine/test_schedules.py"
+REPLAY = "SEEDS={seed}-{seed} .venv/bin/python -m pytest -q tests/engine/test_schedules.py"
 CHECKPOINT_NAMES = ("tiny-mha", "tiny-mla-noaux")
 # Fixture cases and how often a workload asks them: text only, one tiled image, two tiled images,
 # three single-tile images, and a conversation with an image in each of two user turns.
@@ -39,6 +41,15 @@ PAD_WORD = " lorem"  # text that brings a prompt close to the context limit
 # How far a request's logits may be from its solo logits: fp32 in another batch size, chunking and
 # prefix copy differs by about 1e-5 (measured); a wrong row, prefix or image by far more.
 LOGIT_NOISE = 1e-4
+FAULT_SHARE = 0.25  # of the seeds, drawn by each seed's own generator
+# Where a fault may be injected, and the highest call number drawn for each (about how many calls
+# a run makes, so that most drawn faults fire): the runner's methods a step calls, and "sample",
+# any request's sampler.
+FAULT_POINTS = {
+    "write_prefix": 2, "read_prefix": 2, "encode_tiles": 3, "image_spans": 2, "prompt_embeds": 4,
+    "prefill": 6, "logits": 4, "sample": 40, "decode": 40, "move_row": 6,
+}  # fmt: skip
+FAULT_ERRORS = (RuntimeError, ValueError, IndexError, torch.OutOfMemoryError)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,21 @@ class Arrival:
     after: int | None = None  # ...or as soon as that earlier request has left the queue
     cancel_at: str | None = None  # one of CANCEL_STAGES
     cancel_wait: int = 0  # steps spent in that stage before the cancel
+    after_fault: bool = False  # arrives right after the injected fault (or, if it never fires, when all is idle)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """The `call`th call of `target` (a ModelRunner method, or "sample": any request's sampler)
+    raises `error` instead of running."""
+
+    target: str
+    call: int
+    error: type[Exception]
+
+    @property
+    def message(self) -> str:
+        return f"injected fault: call {self.call} of {self.target}"
 
 
 @dataclass
@@ -81,15 +107,18 @@ class Run:
     vision_chunk_tiles: int
     cache_mode: str  # "off", "tiny" or "large"
     arrivals: list[Arrival]
+    fault: Fault | None = None
 
     def describe(self) -> str:
         lines = [
             f"seed {self.seed}: {self.checkpoint}, max_batch {self.max_batch}, prefill chunks "
             f"{self.prefill_chunk_size}, vision batches {self.vision_chunk_tiles}, "
             f"prefix cache {self.cache_mode}"
+            + (f", {self.fault.error.__name__} on call {self.fault.call} of {self.fault.target}" if self.fault else "")
         ]
         for i, a in enumerate(self.arrivals):
             when = f"after #{a.after} leaves the queue" if a.after is not None else f"at step {a.step}"
+            when = "after the fault" if a.after_fault else when
             cancel = f", cancelled when {a.cancel_at} (+{a.cancel_wait})" if a.cancel_at else ""
             lines.append(
                 f"  #{i} {a.job.case} {a.job.variant} pad {a.job.pad_words} max {a.job.max_new_tokens} "
@@ -139,6 +168,7 @@ def recorded_logits() -> Iterator[dict[int, list[torch.Tensor]]]:
 class Solo:
     tokens: tuple[int, ...]
     logits: tuple[torch.Tensor, ...]  # what each token was sampled from
+    eos_id: int
 
 
 @cache
@@ -152,7 +182,8 @@ def solo(job: Job) -> Solo:
         request = engine.submit(*job.conversation(), job.max_new_tokens, job.params, events.append)
         drain(engine.scheduler)
     assert events and events[-1] is None, events
-    return Solo(tuple(events[:-1]), tuple(logits.get(id(request.sampler), [])))  # type: ignore[arg-type]
+    tokens, sampled = tuple(events[:-1]), tuple(logits.get(id(request.sampler), []))
+    return Solo(tokens, sampled, engine.eos_id)  # type: ignore[arg-type]
 
 
 @cache
@@ -237,12 +268,19 @@ def draw_run(seed: int) -> Run:
         after = rng.randrange(index) if index and rng.random() < 0.2 else None
         cancel_at = rng.choice(CANCEL_STAGES) if rng.random() < 0.3 else None
         arrivals.append(Arrival(job, step, after, cancel_at, rng.choice([0, 0, 1, 3])))
-    return Run(
+    run = Run(
         seed, checkpoint, max_batch=rng.randint(1, 4),
         prefill_chunk_size=rng.choice([rng.randint(16, 64), rng.randint(65, 600)]),
         vision_chunk_tiles=rng.randint(1, 3), cache_mode=rng.choice(["off", "tiny", "large"]),
         arrivals=arrivals,
     )  # fmt: skip
+    # The fault from a generator of its own: the runs drawn above stay what they were without it.
+    rng = random.Random(f"{seed}/fault")
+    if rng.random() < FAULT_SHARE:
+        target = rng.choice(list(FAULT_POINTS))
+        run.fault = Fault(target, rng.randint(1, FAULT_POINTS[target]), rng.choice(FAULT_ERRORS))
+        arrivals.append(Arrival(draw_job(rng, checkpoint, context, jobs), step, after_fault=True))
+    return run
 
 
 def cache_bytes(run: Run, model: DeepseekVL2, rng: random.Random) -> int:
@@ -321,6 +359,60 @@ class AuditedPrefixCache(PrefixCache):
             self.wrong.append(f"request {request.id} was served {key} stored for other tokens or pixels")
 
 
+# ---- the injected fault -----------------------------------------------------------------------
+
+
+class Injector:
+    """Counts the calls of the fault's target and makes the drawn one raise; remembers which
+    requests the scheduler had taken out of its queue at that moment."""
+
+    def __init__(self, fault: Fault, scheduler: Scheduler) -> None:
+        self.fault, self.scheduler = fault, scheduler
+        self.calls = 0
+        self.in_flight: set[int] | None = None  # ids of the requests in flight when it fired
+
+    @property
+    def fired(self) -> bool:
+        return self.in_flight is not None
+
+    def wrap(self, method: Callable) -> Callable:
+        @functools.wraps(method)
+        def faulty(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.fault.call:
+                s = self.scheduler
+                taken = [*s.in_flight, *s.running, s.admitting]  # admitting: also while admitted
+                self.in_flight = {id(r) for r in taken if r is not None}
+                raise self.fault.error(self.fault.message)
+            return method(*args, **kwargs)
+
+        return faulty
+
+    def failed(self, end: Event) -> bool:
+        """Whether `end` is the error the fault caused (its message names the fault)."""
+        return self.fired and isinstance(end, BaseException) and self.fault.message in str(end)
+
+
+@contextmanager
+def injected(fault: Fault | None, engine: Engine) -> Iterator[Injector | None]:
+    """The run's fault wired into its engine's runner (a new one per engine) or, for "sample",
+    into every sampler while the block runs."""
+    if fault is None:
+        yield None
+        return
+    injector = Injector(fault, engine.scheduler)
+    if fault.target != "sample":
+        setattr(engine.runner, fault.target, injector.wrap(getattr(engine.runner, fault.target)))
+        yield injector
+        return
+    sample = Sampler.__call__
+    Sampler.__call__ = injector.wrap(sample)  # type: ignore[method-assign]
+    try:
+        yield injector
+    finally:
+        Sampler.__call__ = sample  # type: ignore[method-assign]
+
+
 # ---- one run ----------------------------------------------------------------------------------
 
 
@@ -335,6 +427,7 @@ class Tracked:
     progress: list[tuple[str, int, int]] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # what its tokens were sampled from
     flipped: bool = False  # seeded sampling left the solo tokens at a near-tie (check_sampling_flip)
+    after_fault: bool = False  # submitted after the injected fault fired
 
     @property
     def ended(self) -> bool:
@@ -351,6 +444,9 @@ class Stats:
     cache_served: int = 0
     chunked_prefills: int = 0  # requests prefilled in several chunks while others decoded
     sampling_flips: int = 0  # seeded draws that fp32 noise moved across a boundary
+    faults: int = 0  # injected faults that fired
+    fault_failures: int = 0  # requests the injected faults failed
+    served_after_fault: int = 0  # requests submitted after a fault fired that got their answer
 
     def add(self, other: Stats) -> None:
         for name in self.__dataclass_fields__:
@@ -360,7 +456,9 @@ class Stats:
         return (
             f"{self.runs} runs, {self.steps} steps, {self.requests} requests ({self.finished} "
             f"finished, {self.cancelled} cancelled), {self.chunked_prefills} chunked prefills, "
-            f"{self.cache_served} prefix-cache entries served, {self.sampling_flips} sampling flips"
+            f"{self.cache_served} prefix-cache entries served, {self.sampling_flips} sampling flips, "
+            f"{self.faults} injected faults ({self.fault_failures} requests failed by them, "
+            f"{self.served_after_fault} answered after them)"
         )
 
 
@@ -380,6 +478,9 @@ def check_invariants(scheduler: Scheduler, tracked: list[Tracked], cache: Audite
     assert all(r.stage is Stage.DECODING for r in running)
     assert all(r.stage is Stage.QUEUED and r.row == -1 for r in waiting)
     places = running + waiting + ([admitting] if admitting else [])
+    # Between steps, what the scheduler has taken out of its queue is exactly what it is working on.
+    assert set(scheduler.in_flight) == set(running + ([admitting] if admitting else [])), "a request in flight is lost"
+    assert all(r.stage in IN_FLIGHT for r in scheduler.in_flight)
     assert len({id(r) for r in places}) == len(places), "a request is in two places"
     if admitting is not None:
         assert admitting.stage in (Stage.ENCODING, Stage.PREFILLING)
@@ -397,13 +498,20 @@ def check_invariants(scheduler: Scheduler, tracked: list[Tracked], cache: Audite
         assert not cache.wrong, cache.wrong
 
 
-def check_answers(tracked: list[Tracked]) -> None:
+def check_answers(tracked: list[Tracked], injector: Injector | None = None) -> None:
+    """Every request has its solo answer, or the beginning of it before its cancel; with a fault,
+    a request in flight when it fired may instead end with an error naming it, after the
+    beginning of its solo answer, and at least one does."""
     for index, t in enumerate(tracked):
         job, events = t.arrival.job, t.events
         tokens, end = events[:-1], events[-1]
         alone = solo(job)
         expected = list(alone.tokens)
-        if t.cancelled_after is not None:
+        if injector is not None and injector.failed(end):
+            assert t.request is not None and injector.in_flight is not None
+            assert id(t.request) in injector.in_flight, f"#{index} was not in flight at the fault but failed: {end!r}"
+            expected = expected[: len(tokens)]
+        elif t.cancelled_after is not None:
             assert isinstance(end, RequestCancelled), f"#{index} was cancelled but ended with {end!r}"
             assert len(tokens) == t.cancelled_after, f"#{index} got tokens after its cancel"
             expected = expected[: len(tokens)]
@@ -416,22 +524,40 @@ def check_answers(tracked: list[Tracked]) -> None:
             check_sampling_flip(index, t, alone)
         else:
             assert tokens == expected, f"#{index} got {tokens}, alone {expected}"
+    if injector is not None and injector.fired:
+        assert any(injector.failed(t.events[-1]) for t in tracked), "the fault failed no request"
 
 
 def check_sampling_flip(index: int, t: Tracked, alone: Solo) -> None:
     """Seeded sampling that left the solo tokens: allowed only where fp32 noise moved a draw
-    across a boundary. Up to the first different token the logits must equal the solo ones
-    within LOGIT_NOISE, and a fresh sampler with the request's seed, given the logits the request
-    was given, must draw exactly its tokens (its own generator, nothing shared)."""
-    tokens = t.events[:-1]
-    first = next((i for i, (a, b) in enumerate(zip(tokens, alone.tokens)) if a != b), len(tokens) - 1)
+    across a boundary. The answer must really diverge: a first index, within both answers, where
+    their tokens differ (an answer that is only a prefix of the solo one, or empty, is a request
+    cut short, not a flip). Unless it was cancelled or failed, its length must be what the
+    scheduler's stopping rule gives its own tokens (Scheduler._accept): EOS only as its last
+    token, and max_new_tokens tokens unless it ends with EOS; so as long as the solo answer's when
+    neither stopped on EOS. Up to the divergence the logits must equal the solo ones within
+    LOGIT_NOISE, and a fresh sampler with the request's seed, given the logits the request was
+    given, must draw exactly its tokens (its own generator, nothing shared)."""
+    tokens, request = t.events[:-1], t.request
+    assert request is not None
+    first = next((i for i, (a, b) in enumerate(zip(tokens, alone.tokens)) if a != b), None)
+    assert first is not None, (
+        f"#{index} got {tokens}, alone {list(alone.tokens)}: no token differs, it is only shorter or longer"
+    )
+    if t.events[-1] is None:  # it ran to its end: that end must follow the stopping rule
+        eos = alone.eos_id
+        assert eos not in tokens[:-1], f"#{index} went on after EOS: {tokens}"
+        if tokens[-1] != eos:
+            assert len(tokens) == request.max_new_tokens, (
+                f"#{index} stopped after {len(tokens)} of {request.max_new_tokens} tokens without EOS: {tokens}"
+            )
+        assert len(tokens) <= request.max_new_tokens, f"#{index} got {len(tokens)} of {request.max_new_tokens} tokens"
     given = t.logits
     assert len(given) == len(tokens), (index, len(given), len(tokens))
     for step in range(first + 1):
         gap = float((given[step] - alone.logits[step]).abs().max())
         assert gap <= LOGIT_NOISE, f"#{index}: logits {gap:.2e} from the solo ones at token {step}"
-    assert t.request is not None
-    replay = Sampler(t.arrival.job.params, given[0].shape[-1], t.request.inputs.input_ids)
+    replay = Sampler(t.arrival.job.params, given[0].shape[-1], request.inputs.input_ids)
     drawn = [int(replay(logits[None])[0]) for logits in given]
     assert drawn == tokens, f"#{index}: its seed draws {drawn} from its logits, it got {tokens}"
     t.flipped = True
@@ -463,7 +589,7 @@ def execute(run: Run) -> Stats:
     model, processor = loaded(run.checkpoint, "explore")
     budget = cache_bytes(run, model, rng)
     tracked = [Tracked(a) for a in run.arrivals]
-    stats = Stats(runs=1, requests=len(tracked))
+    stats = Stats(runs=1)
     engine = Engine(
         model, processor, max_batch=run.max_batch, prefill_chunk_size=run.prefill_chunk_size,
         vision_chunk_tiles=run.vision_chunk_tiles, prefix_cache_bytes=0, threaded=False,
@@ -474,10 +600,10 @@ def execute(run: Run) -> Stats:
         cache = engine.prefix_cache = scheduler.prefix_cache = AuditedPrefixCache(budget, scheduler)
     try:
         step = 0
-        with recorded_logits() as logits:
+        with recorded_logits() as logits, injected(run.fault, engine) as injector:
             while any(t.request is None for t in tracked) or scheduler.has_work:
                 assert step < MAX_STEPS, f"not drained after {MAX_STEPS} steps"
-                arrive(engine, tracked, step)
+                arrive(engine, tracked, step, injector)
                 for t in tracked:
                     if cancel_due(t):
                         assert t.request is not None
@@ -489,28 +615,44 @@ def execute(run: Run) -> Stats:
                     check_invariants(scheduler, tracked, cache)
                 observe(tracked)
                 step += 1
+                if injector is not None and injector.fired and not any(t.after_fault for t in tracked):
+                    # The follow-up came before the fault (all else was idle and it made it fire):
+                    # the same job once more, now after it.
+                    [early] = [t for t in tracked if t.arrival.after_fault]
+                    if early.request is not None:
+                        tracked.append(Tracked(early.arrival))
         for t in tracked:
             if t.request is not None and t.request.sampler is not None:
-                t.logits = logits[id(t.request.sampler)]
+                t.logits = logits.get(id(t.request.sampler), [])  # none if its first draw failed
         assert not scheduler.waiting and scheduler.admitting is None and not scheduler.running
-        assert scheduler.busy_rows == 0
-        check_answers(tracked)
+        assert scheduler.busy_rows == 0 and not scheduler.in_flight
+        check_answers(tracked, injector)
     finally:
         engine.close()
+    stats.requests = len(tracked)
     stats.finished = sum(t.events[-1] is None for t in tracked)
     stats.cancelled = sum(t.cancelled_after is not None for t in tracked)
     stats.cache_served = cache.served if cache else 0
     stats.chunked_prefills = sum(sum(r[0] == "prefill" for r in t.progress) > 1 for t in tracked)
     stats.sampling_flips = sum(t.flipped for t in tracked)
+    if injector is not None and injector.fired:
+        stats.faults = 1
+        stats.fault_failures = sum(injector.failed(t.events[-1]) for t in tracked)
+        stats.served_after_fault = sum(t.after_fault and t.events[-1] is None for t in tracked)
     return stats
 
 
-def arrive(engine: Engine, tracked: list[Tracked], step: int) -> None:
+def arrive(engine: Engine, tracked: list[Tracked], step: int, injector: Injector | None) -> None:
     for t in tracked:
         a = t.arrival
         if t.request is not None:
             continue
-        if a.after is not None:
+        if a.after_fault:
+            idle = not engine.scheduler.has_work and all(o.request is not None for o in tracked if o is not t)
+            if not (injector is not None and injector.fired) and not idle:
+                continue
+            t.after_fault = injector is not None and injector.fired
+        elif a.after is not None:
             leader = tracked[a.after].request
             if leader is None or leader.stage is Stage.QUEUED:
                 continue

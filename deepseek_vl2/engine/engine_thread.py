@@ -93,7 +93,10 @@ class EngineThread:
             try:
                 with torch.inference_mode():
                     self._scheduler.step()
-            except Exception as error:  # a scheduler bug must fail requests, never hang them
+            except Exception as error:
+                # `step` answers its own failures (scheduler.py); this is the last resort when
+                # that recovery raises too: the scheduler's state is then unknown, so every queued
+                # and in-flight request fails, and the thread goes on serving new ones.
                 log.exception("scheduler step failed")
                 self._scheduler.fail_all(error)
         if self._scheduler is not None:

@@ -82,6 +82,9 @@ _NEXT = {
     Stage.FINISHED: set(),
 }
 _DATA = {Stage.ENCODING: Encoding, Stage.PREFILLING: Prefill}
+# The stages of a request that has been taken out of the queue (it holds a cache row) and has not
+# had its last event: the scheduler's `in_flight`, which a failing step must answer.
+IN_FLIGHT = frozenset({Stage.ENCODING, Stage.PREFILLING, Stage.DECODING})
 
 
 @dataclass

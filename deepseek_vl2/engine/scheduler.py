@@ -24,6 +24,13 @@ Cache rows: running requests occupy rows 0..B-1 in the order of `running`, so a 
 slice of the cache. A request is admitted into the first row after them and moved down when it
 joins the batch, if a row below it was freed meanwhile; when a running request leaves, the last one
 moves into its row.
+
+Failures: whatever raises inside a step, every request taken out of `waiting` gets its last event
+(`Scheduler.step` says which requests a failure ends). The engine stays usable afterwards: rows
+are only positions in the KV cache, rewritten by the next request that gets them, so once the
+failed requests have left `admitting` and `running` the next step serves the queue as usual. A
+failure that breaks the model itself (e.g. a CUDA error that poisons the context) fails each later
+step again, and each such step fails its requests: nobody hangs.
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Collection
 
 import torch
 
 from ..model.model import tile_ranges
 from .prefix_cache import PrefixCache
-from .request import Encoding, Prefill, Request, Stage
+from .request import IN_FLIGHT, Encoding, Prefill, Request, Stage
 from .runner import ModelRunner
 from .sampling import Sampler
 
@@ -50,6 +58,18 @@ class RequestCancelled(Exception):
 
 class EngineClosed(RuntimeError):
     """The engine was closed while the request was still queued or running."""
+
+
+class StepFailed(RuntimeError):
+    """Something raised inside a scheduler step while the request was in flight: the message
+    names the request, its stage, the work that failed and the original error (its __cause__)."""
+
+    def __init__(self, request: Request, stage: Stage, work: str, error: BaseException) -> None:
+        super().__init__(
+            f"request {request.id} failed while {stage.value}: {work} raised "
+            f"{type(error).__name__}: {error}"
+        )
+        self.__cause__ = error
 
 
 class Scheduler:
@@ -74,6 +94,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()  # QUEUED; shared with submitting threads: under _lock
         self.admitting: Request | None = None  # ENCODING or PREFILLING, in its own row
         self.running: list[Request] = []  # DECODING; running[i] occupies cache row i
+        # Every request taken out of `waiting` and not yet FINISHED (its stage is in IN_FLIGHT), in
+        # admission order: also those a failing step has left neither `admitting` nor `running`.
+        self.in_flight: dict[Request, None] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -102,33 +125,79 @@ class Scheduler:
         self.fail_all(EngineClosed("the engine was closed before this request finished"))
 
     def fail_all(self, error: BaseException) -> None:
+        """Fail every queued and in-flight request with `error` (closing, or a step whose own
+        recovery failed: the engine thread's last resort)."""
         with self._lock:
             pending, self.waiting = list(self.waiting), deque()
-        pending += self.running + ([self.admitting] if self.admitting else [])
-        self.running, self.admitting = [], None
+        self._fail_in_flight(IN_FLIGHT, lambda request, stage: error)
         for request in pending:
             self._finish(request, error)
 
     @torch.inference_mode()
     def step(self) -> None:
-        self._drop_cancelled()
-        self._admit()
-        if self.admitting is not None:
-            request = self.admitting
-            try:
-                self._advance(request)
-            except Exception as error:  # e.g. no memory for its prompt: fail it, not the others
-                log.exception("request %d failed while %s", request.id, request.stage.value)
+        """One step. Whatever raises in it, every request in flight that it touched gets its last
+        event, and the queue is left alone (its requests are served by the next steps):
+
+        - the admitting request's work (its admission, a vision batch, a prefill chunk, its first
+          token, its move into the batch) fails that request only: the running rows are not
+          touched by it;
+        - a decode step, or a row move while requests leave the batch, fails every DECODING
+          request (those in `running` and any that a half-done move left out of it); a request
+          whose answer is complete gets its result instead; the admitting request, in a row above
+          them, goes on;
+        - anything else fails every request in flight.
+
+        Each failed request gets a StepFailed naming what failed, with the error as its cause.
+        """
+        try:
+            self._drop_cancelled()
+            self._admit()
+            if self.admitting is not None:
+                self._advance_admitting()
+            if self.running:
+                self._decode_running()
+        except Exception as error:  # a failure of the recovery above, or a scheduler bug
+            log.exception("scheduler step failed; failing its %d requests in flight", len(self.in_flight))
+            self._fail_in_flight(IN_FLIGHT, lambda request, stage: StepFailed(request, stage, "the scheduler", error))
+
+    def _advance_admitting(self) -> None:
+        request = self.admitting
+        assert request is not None
+        try:
+            self._advance(request)
+        except Exception as error:  # e.g. no memory for its prompt: fail it, not the others
+            stage = request.stage  # where it got to: what failed
+            log.exception("request %d failed while %s", request.id, stage.value)
+            if self.admitting is request:
                 self.admitting = None
-                self._finish(request, error)
-        if self.running:
-            try:
-                self._decode()
-            except Exception as error:
-                log.exception("decode step failed; failing its %d requests", len(self.running))
-                failed, self.running = self.running, []
-                for request in failed:
-                    self._finish(request, error)
+            if stage is Stage.ENCODING:
+                work = "the prompt's embeddings" if request.encoding.done else "a vision batch"
+            elif stage is Stage.PREFILLING:
+                work = "a prefill chunk or its first token"
+            else:  # DECODING, not yet in `running`: appending is the last thing its prefill does
+                work = "moving its cache row into the batch"
+            self._finish(request, StepFailed(request, stage, work, error))
+
+    def _decode_running(self) -> None:
+        try:
+            self._decode()
+        except Exception as error:
+            log.exception("decode step failed; failing its %d requests", len(self.running))
+            self._fail_in_flight(
+                {Stage.DECODING}, lambda request, stage: StepFailed(request, stage, "the decode step", error)
+            )
+
+    def _fail_in_flight(self, stages: Collection[Stage], error: Callable[[Request, Stage], BaseException]) -> None:
+        """End every request in flight whose stage is in `stages`: with its result when its
+        answer is complete, else with `error(request, stage)`; their rows are free afterwards."""
+        ending = [r for r in self.in_flight if r.stage in stages]
+        if self.admitting is not None and self.admitting.stage in stages:
+            self.admitting = None
+        if Stage.DECODING in stages:  # also those finished this step, still there while rows move
+            self.running = []
+        for request in ending:
+            stage = request.stage
+            self._finish(request, None if self._complete(request) else error(request, stage))
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -140,13 +209,21 @@ class Scheduler:
             self.admitting = None  # its row was never part of the batch: nothing to move
         rows = [i for i, r in enumerate(self.running) if r.cancelled]
         cancelled += [self.running[i] for i in rows]
-        self._retire(rows)
+        # Answered before the rows move, so that a failing move cannot take their answer.
         for request in cancelled:
             log.info(
                 "request %d cancelled after %d tokens, while %s",
                 request.id, len(request.tokens), request.stage.value,
             )  # fmt: skip
             self._finish(request, RequestCancelled(f"request {request.id} was cancelled"))
+        try:
+            self._retire(rows)
+        except Exception as error:
+            log.exception("moving cache rows after a cancel failed; failing the running requests")
+            self._fail_in_flight(
+                {Stage.DECODING},
+                lambda request, stage: StepFailed(request, stage, "moving its cache row after a cancel", error),
+            )
 
     # ---- QUEUED -> ENCODING ------------------------------------------------------------------
 
@@ -167,8 +244,9 @@ class Scheduler:
         except Exception as error:  # e.g. no memory for its copy: fail this request, not the others
             log.exception("request %d failed at admission", request.id)
             self.admitting = None
-            self._finish(request, error)
+            self._finish(request, StepFailed(request, Stage.QUEUED, "its admission", error))
             return
+        self.in_flight[request] = None
         log.info(
             "request %d: prefilling %d of %d prompt tokens (%d image tiles to encode) in cache "
             "row %d; %d running, %d queued",
@@ -297,17 +375,21 @@ class Scheduler:
         sampled = [r.sampler(logits[i : i + 1]) for i, r in enumerate(self.running)]
         next_tokens = torch.cat(sampled).tolist()
         finished = [i for i, (r, t) in enumerate(zip(self.running, next_tokens)) if self._accept(r, t)]
-        done = [self.running[i] for i in finished]
+        for i in finished:  # answered before the rows move: a failing move cannot take it back
+            self._finish(self.running[i])
         self._retire(finished)
-        for request in done:
-            self._finish(request)
 
     def _accept(self, request: Request, token: int) -> bool:
         """Record and send a new token; True when the request is complete."""
         request.tokens.append(token)
         request.timings.token_times.append(time.perf_counter() - request.timings.started)
         request.emit(token)
-        return token == self.eos_id or len(request.tokens) >= request.max_new_tokens
+        return self._complete(request)
+
+    def _complete(self, request: Request) -> bool:
+        """Whether the request's answer is whole: it ends with EOS or has max_new_tokens tokens."""
+        tokens = request.tokens
+        return bool(tokens) and (tokens[-1] == self.eos_id or len(tokens) >= request.max_new_tokens)
 
     def _retire(self, indices: list[int]) -> None:
         """Remove running[i] for each i, keeping the rest in rows 0..B-1: the last running request
@@ -321,6 +403,7 @@ class Scheduler:
     def _finish(self, request: Request, error: BaseException | None = None) -> None:
         request.row = -1
         request.enter(Stage.FINISHED)
+        self.in_flight.pop(request, None)
         if error is None:
             t = request.timings
             log.info(

@@ -3,11 +3,13 @@ parallel kernels (engine_thread.py says why)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,9 @@ from parity import CHECKPOINTS, case, conversation
 from deepseek_vl2 import DeepseekVL2, Engine, Processor
 from deepseek_vl2.engine.engine_thread import EngineThread
 from deepseek_vl2.engine.runner import ModelRunner
-from deepseek_vl2.engine.scheduler import EngineClosed, Scheduler
+from deepseek_vl2.engine.scheduler import EngineClosed, Scheduler, StepFailed
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_job_runs_on_the_thread_and_its_result_or_error_comes_back():
@@ -122,3 +124,45 @@ def test_only_the_engine_thread_starts_openmp_workers():
     )  # fmt: skip
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert finished.stdout.split()[-1] == "1", finished.stdout
+
+
+def test_a_failing_step_answers_every_caller_and_the_engine_serves_on():
+    """A decode step that raises, with generate, stream and generate_async callers in flight or
+    queued: every caller returns in time, those in the batch with an error naming the fault, the
+    others with their answer; later requests are answered as before."""
+    with Engine.from_pretrained(CHECKPOINTS / "tiny-mha", dtype=torch.float32, max_batch=2) as engine:
+        messages, images = conversation(case("tiny-mha/m_text"))
+        options = dict(max_new_tokens=16, temperature=1.0, seed=5)
+        result = engine.generate(messages, images, **options)
+        alone = {"generate": result.token_ids, "stream": result.text, "generate_async": result.token_ids}
+        decode, calls = engine.runner.decode, []
+
+        def failing(*args):
+            calls.append(None)
+            if len(calls) == 3:
+                raise RuntimeError("injected: the kernel failed")
+            return decode(*args)
+
+        engine.runner.decode = failing
+        callers = {
+            "generate": lambda: engine.generate(messages, images, **options).token_ids,
+            "stream": lambda: "".join(engine.stream(messages, images, **options)),
+            "generate_async": lambda: asyncio.run(engine.generate_async(messages, images, **options)).token_ids,
+        }
+        with ThreadPoolExecutor(len(callers)) as pool:
+            futures = {name: pool.submit(call) for name, call in callers.items()}
+            outcomes = {}
+            for name, future in futures.items():
+                try:
+                    outcomes[name] = future.result(timeout=120)  # a hang fails here
+                except StepFailed as error:
+                    outcomes[name] = error
+        failed = [name for name, outcome in outcomes.items() if isinstance(outcome, StepFailed)]
+        assert failed, outcomes
+        for name, outcome in outcomes.items():
+            if isinstance(outcome, StepFailed):
+                assert "the decode step raised RuntimeError: injected: the kernel failed" in str(outcome)
+            else:
+                assert outcome == alone[name], name
+        assert engine.generate(messages, images, **options).token_ids == alone["generate"]
+        assert engine.scheduler.busy_rows == 0 and not engine.scheduler.in_flight
