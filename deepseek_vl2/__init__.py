@@ -1,7 +1,8 @@
 """DeepSeek-VL2 inference: model, processor and generation engine, weight-compatible with the
 official Hugging Face checkpoints."""
 
-from .engine.engine import ContextOverflowError, Engine, GenerationResult
+from .engine.admission import ContextOverflowError
+from .engine.engine import Engine, GenerationResult
 from .engine.sampling import SamplingParams
 from .inputs.conversation import build_messages
 from .inputs.grounding import GroundedObject, parse_grounding, render_grounding

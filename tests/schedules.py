@@ -597,7 +597,7 @@ def execute(run: Run) -> Stats:
     scheduler = engine.scheduler
     cache = None
     if budget:  # the engine's own cache, audited; requests get keys as with any cache
-        cache = engine.prefix_cache = scheduler.prefix_cache = AuditedPrefixCache(budget, scheduler)
+        cache = engine.prefix_cache = scheduler.prefiller.prefix_cache = AuditedPrefixCache(budget, scheduler)
     try:
         step = 0
         with recorded_logits() as logits, injected(run.fault, engine) as injector:

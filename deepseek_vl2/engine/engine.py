@@ -25,12 +25,13 @@ import torch
 from PIL import Image
 
 from ..compute.quantized import QuantizeSpec
-from ..inputs.processor import Processor, ProcessorOutput
+from ..inputs.processor import Processor
 from ..inputs.tokenizer import StreamDecoder
 from ..model.model import DeepseekVL2
+from .admission import admit
 from .calibration import choose_execution
 from .engine_thread import EngineThread
-from .prefix_cache import PrefixCache, PromptKeys, cache_budget
+from .prefix_cache import PrefixCache, cache_budget
 from .request import Event, Progress, Request, Stage, Timings
 from .runner import ModelRunner, cache_bytes_per_row, default_max_batch, free_memory_bytes
 from .sampling import SamplingParams
@@ -60,10 +61,6 @@ class GenerationResult:
     max_new_tokens_clipped: bool
     timings: Timings = field(default_factory=Timings)
     cached_prompt_tokens: int = 0  # prompt positions taken from the prefix cache
-
-
-class ContextOverflowError(ValueError):
-    """The prompt alone does not fit the model's context."""
 
 
 class Engine:
@@ -113,7 +110,7 @@ class Engine:
         log.info(
             "engine ready: batch up to %d, prefill chunks of %d tokens and vision batches of %d "
             "tiles while answers run, decode %s, prefix cache %.2f GiB",
-            self.max_batch, self.scheduler.prefill_chunk_size, self.scheduler.vision_chunk_tiles,
+            self.max_batch, self.scheduler.prefiller.prefill_chunk_size, self.scheduler.prefiller.vision_chunk_tiles,
             "compiled" if self.runner.decode_compiled else "eager",
             self.prefix_cache.budget_bytes / 2**30 if self.prefix_cache else 0.0,
         )  # fmt: skip
@@ -313,17 +310,10 @@ class Engine:
         notify: Callable[[Event], None],
         progress: Progress | None = None,
     ) -> Request:
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        timings = Timings()
-        inputs = self.processor(messages, list(images))
-        timings.preprocess_s = time.perf_counter() - timings.started
-        self._check_fits(inputs)
-        allowed = self._clip(inputs, max_new_tokens)
-        request = Request(inputs, params, allowed, allowed < max_new_tokens, notify, timings, progress)
-        if self.prefix_cache is not None:
-            request.keys = PromptKeys.of(inputs, self._cache_identity)
-        return request
+        return admit(
+            self.processor, self.context_length, messages, images, max_new_tokens, params, notify, progress,
+            self._cache_identity if self.prefix_cache is not None else None,
+        )  # fmt: skip
 
     def submit(
         self,
@@ -382,29 +372,3 @@ class Engine:
             timings=request.timings,
             cached_prompt_tokens=request.cached_prompt_tokens,
         )
-
-    def _check_fits(self, inputs: ProcessorOutput) -> None:
-        prompt = inputs.input_ids.shape[1]
-        if prompt < self.context_length:
-            return
-        crops = inputs.images_spatial_crop[0].tolist()
-        uses = [
-            f"image {i + 1} ({nw}x{nh} tiles): {n} tokens"
-            for i, ((nw, nh), n) in enumerate(zip(crops, inputs.image_token_counts))
-        ]
-        uses.append(f"text: {prompt - sum(inputs.image_token_counts)} tokens")
-        raise ContextOverflowError(
-            f"the prompt is {prompt} tokens but the model's context holds {self.context_length} "
-            f"(prompt and answer together); {'; '.join(uses)}. Use fewer or smaller images "
-            f"(more than two images are each reduced to one tile) or a shorter text."
-        )
-
-    def _clip(self, inputs: ProcessorOutput, max_new_tokens: int) -> int:
-        room = self.context_length - inputs.input_ids.shape[1]
-        if max_new_tokens > room:
-            log.warning(
-                "max_new_tokens %d clipped to %d: the prompt uses %d of %d context tokens",
-                max_new_tokens, room, inputs.input_ids.shape[1], self.context_length,
-            )  # fmt: skip
-            return room
-        return max_new_tokens

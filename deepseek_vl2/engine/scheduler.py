@@ -43,9 +43,9 @@ from collections.abc import Callable, Collection
 
 import torch
 
-from ..model.model import tile_ranges
+from .prefiller import Prefiller
 from .prefix_cache import PrefixCache
-from .request import IN_FLIGHT, Encoding, Prefill, Request, Stage
+from .request import IN_FLIGHT, Request, Stage
 from .runner import ModelRunner
 from .sampling import Sampler
 
@@ -87,9 +87,7 @@ class Scheduler:
             )
         self.runner = runner
         self.eos_id = eos_id
-        self.prefill_chunk_size = prefill_chunk_size
-        self.vision_chunk_tiles = vision_chunk_tiles
-        self.prefix_cache = prefix_cache  # used by the stepping thread only
+        self.prefiller = Prefiller(runner, prefill_chunk_size, vision_chunk_tiles, prefix_cache)
         self.vocab_size = runner.model.config.language.vocab_size
         self.waiting: deque[Request] = deque()  # QUEUED; shared with submitting threads: under _lock
         self.admitting: Request | None = None  # ENCODING or PREFILLING, in its own row
@@ -240,7 +238,7 @@ class Scheduler:
         request.timings.queue_s = time.perf_counter() - request.timings.started - request.timings.preprocess_s
         self.admitting = request
         try:
-            request.enter(Stage.ENCODING, self._plan(request))
+            request.enter(Stage.ENCODING, self.prefiller.plan(request))
         except Exception as error:  # e.g. no memory for its copy: fail this request, not the others
             log.exception("request %d failed at admission", request.id)
             self.admitting = None
@@ -254,86 +252,23 @@ class Scheduler:
             request.encoding.tiles.shape[0], request.row, len(self.running), len(self.waiting),
         )  # fmt: skip
 
-    def _plan(self, request: Request) -> Encoding:
-        """Copy the longest cached prefix of the prompt into the request's row, take the cached
-        spans of the images after it, and leave the other images to the vision tower."""
-        crops = request.inputs.images_spatial_crop[0].tolist()
-        after_prefix = list(range(len(crops)))
-        spans: dict[int, torch.Tensor] = {}
-        cache, keys = self.prefix_cache, request.keys
-        if cache is not None and keys is not None:
-            hit = cache.longest_prefix(keys, request.prompt_len)
-            if hit is not None:
-                length, prefix = hit
-                self.runner.write_prefix(request.row, prefix)
-                request.prefilled = request.cached_prompt_tokens = length
-            after_prefix = [i for i, (start, _) in enumerate(keys.spans) if start >= request.prefilled]
-            for image in after_prefix:
-                span = cache.image(keys.images[image])
-                if span is not None:
-                    spans[image] = span
-            log.info(
-                "request %d: prefix cache %s: %d of %d prompt tokens reused, %d of %d image "
-                "embeddings cached", request.id, "hit" if hit else "miss", request.prefilled,
-                request.prompt_len, len(spans), len(after_prefix),
-            )  # fmt: skip
-        encode = [image for image in after_prefix if image not in spans]
-        ranges = tile_ranges(crops)
-        all_tiles = request.inputs.pixel_values[0]
-        tiles = torch.cat([all_tiles[ranges[image]] for image in encode] or [all_tiles[:0]])
-        return Encoding(encode, tiles, spans)
-
     # ---- ENCODING -> PREFILLING -> DECODING --------------------------------------------------
 
     def _advance(self, request: Request) -> None:
-        """One unit of admission work: a vision batch while tiles remain, else a prefill chunk."""
+        """One unit of admission work (prefiller.py): a vision batch while tiles remain, else a
+        prefill chunk; after the last chunk, sample the first token and move the request into the
+        batch (or finish it)."""
+        chunked = bool(self.running)  # with answers running, work in units that keep them flowing
         if request.stage is Stage.ENCODING:
             if not request.encoding.done:
-                self._encode_batch(request)
+                self.prefiller.encode_batch(request, chunked)
                 return
-            request.enter(Stage.PREFILLING, self._embed_prompt(request))
-        self._prefill_chunk(request)
-
-    def _encode_batch(self, request: Request) -> None:
-        encoding, started = request.encoding, time.perf_counter()
-        total = encoding.tiles.shape[0]
-        done = encoding.encoded
-        batch = encoding.tiles[done : done + (self.vision_chunk_tiles if self.running else total)]
-        encoding.features.append(self.runner.encode_tiles(batch))
-        self.runner.synchronize()
-        request.timings.vision_s += time.perf_counter() - started
-        self._report(request, "vision", encoding.encoded, total, batch.shape[0], "tiles")
-
-    def _embed_prompt(self, request: Request) -> Prefill:
-        """The prompt's embeddings after the reused prefix, from every image's span; the encoded
-        images' spans are offered to the prefix cache."""
-        encoding, spans = request.encoding, dict(request.encoding.spans)
-        if encoding.images:
-            encoded = self.runner.image_spans(request.inputs, encoding.images, torch.cat(encoding.features))
-            for image, span in zip(encoding.images, encoded):
-                spans[image] = span
-                if self.prefix_cache is not None and request.keys is not None:
-                    self.prefix_cache.put(request.keys.images[image], [span], span.shape[0])
-        ordered = [spans[image] for image in sorted(spans)]
-        embeds = self.runner.prompt_embeds(request.inputs, request.prefilled, ordered)
-        return Prefill(embeds, start=request.prefilled)
-
-    def _prefill_chunk(self, request: Request) -> None:
-        """Write the next chunk of the prompt into the row; after the last, sample the first
-        token and move the request into the batch (or finish it)."""
-        prefill, started = request.prefill, time.perf_counter()
-        start = request.prefilled
-        budget = self.prefill_chunk_size if self.running else request.prompt_len
-        end = min(start + budget, request.prompt_len)
-        chunk = prefill.embeds[start - prefill.start : end - prefill.start]
-        hidden = self.runner.prefill(request.row, chunk, start)
-        request.prefilled = end
-        self._report(request, "prefill", end, request.prompt_len, end - start, "tokens")
-        if end < request.prompt_len:
-            self.runner.synchronize()
+            request.enter(Stage.PREFILLING, self.prefiller.embed_prompt(request))
+        started = time.perf_counter()
+        hidden = self.prefiller.prefill_chunk(request, chunked)
+        if hidden is None:  # more of the prompt to write
             request.timings.prefill_s += time.perf_counter() - started
             return
-        self._store_prefix(request)
         input_ids = request.inputs.input_ids.to(self.runner.device)
         request.sampler = Sampler(request.params, self.vocab_size, input_ids)
         token = int(request.sampler(self.runner.logits(hidden[None]))[0])
@@ -347,23 +282,6 @@ class Scheduler:
         self.runner.move_row(request.row, target, request.cached_len)
         request.row = target
         self.running.append(request)
-
-    def _store_prefix(self, request: Request) -> None:
-        """Offer the prefix ending with the prompt's last image, now wholly in the cache row."""
-        keys = request.keys
-        if self.prefix_cache is None or keys is None or not keys.spans:
-            return
-        length = keys.spans[-1][1]
-        if length > request.cached_prompt_tokens:
-            self.prefix_cache.put(keys.prefixes[-1], self.runner.read_prefix(request.row, length), length)
-
-    @staticmethod
-    def _report(request: Request, stage: str, done: int, total: int, unit: int, what: str) -> None:
-        """Tell the request's progress callback after every unit of work; log each quarter of a
-        stage that takes several units (a single unit says nothing the finish line does not)."""
-        request.report(stage, done, total)
-        if unit < total and (done == total or done * 4 // total != (done - unit) * 4 // total):
-            log.info("request %d: %s %d/%d %s", request.id, stage, done, total, what)
 
     # ---- DECODING -> FINISHED ----------------------------------------------------------------
 
