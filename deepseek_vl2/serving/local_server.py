@@ -23,7 +23,7 @@ import torch
 
 from ..engine.settings import CONCURRENCY_ENV, planned_max_batch
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # deepseek_vl2/serving/ -> the project
 HOST = "127.0.0.1"
 
 

@@ -23,7 +23,7 @@ VARIANT_ENV = "DEEPSEEK_VL2_VARIANT"
 DEFAULT_VARIANT = "deepseek-vl2-small"
 HUB_ORGANISATION = "deepseek-ai"
 KNOWN_VARIANTS = ("deepseek-vl2-tiny", "deepseek-vl2-small", "deepseek-vl2")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # deepseek_vl2/serving/ -> the project
 # Only the files inference needs; the hub repos also hold images and docs.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors"]
 # Seconds to wait for the hub's metadata before giving up (the files themselves may take long).

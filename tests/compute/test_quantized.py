@@ -181,7 +181,7 @@ def test_every_kernel_level_of_this_cpu_dequantizes_as_its_kernel():
     """A layout that is right for one level only passes a run under that level: this checks every
     level this CPU has (default and avx2 on any x86-64 with AVX2, avx512 where the CPU has it), each
     in a subprocess, whatever level this run was given."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     # One thread each: the check is small, and the processes run side by side.
     base = {name: value for name, value in os.environ.items() if name != "ATEN_CPU_CAPABILITY"}
     base["OMP_NUM_THREADS"] = "1"

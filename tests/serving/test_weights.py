@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import deepseek_vl2.serving.weights as weights
+from deepseek_vl2.serving import local_server
 from deepseek_vl2.serving.weights import (
     WeightsNotFoundError, download_weights, is_checkpoint_dir, resolve_weights,
 )  # fmt: skip
@@ -108,3 +109,10 @@ def test_incomplete_download_is_reported(tmp_path: Path, monkeypatch: pytest.Mon
 def test_unknown_variant_is_not_downloaded(tmp_path: Path) -> None:
     with pytest.raises(WeightsNotFoundError, match="unknown variant 'deepseek-vl3'"):
         download_weights("deepseek-vl3", tmp_path)
+
+
+def test_the_default_folders_are_the_projects():
+    # Both modules find the project from their own place in the package: the folder that holds
+    # predict.py, where weights/<variant> and the server's working directory are.
+    for root in (weights.PROJECT_ROOT, local_server.PROJECT_ROOT):
+        assert (root / "predict.py").is_file() and (root / "weights").is_dir(), root
