@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from . import memory
 from .engine_thread import EngineThread
 from .model import DeepseekVL2
 from .processor import Processor, ProcessorOutput
@@ -135,6 +136,7 @@ class Engine:
         self.config = self.model.config
         self.context_length = self.config.language.max_position_embeddings
         self.eos_id = processor.tokenizer.eos_id
+        log.info(memory.read_memory().describe())  # the cache sizes below keep within it
         max_batch = max_batch or env_int(MAX_BATCH_ENV) or default_max_batch(self.model, env_int(CONCURRENCY_ENV))
         prefill_chunk_size = prefill_chunk_size or env_int(PREFILL_CHUNK_ENV) or DEFAULT_PREFILL_CHUNK
         if vision_chunk_tiles is None:
