@@ -115,7 +115,7 @@ class Engine:
             "tiles while answers run, decode %s, prefix cache %.2f GiB",
             self.max_batch, self.scheduler.prefill_chunk_size, self.scheduler.vision_chunk_tiles,
             "compiled" if self.runner.decode_compiled else "eager",
-            self.prefix_cache.budget_bytes / 2**30 if self.prefix_cache else 0.0,
+            self.prefix_cache.budget_bytes / 2**30 if self.prefix_cache is not None else 0.0,
         )  # fmt: skip
 
     def _on_thread(self, job: Callable[[], T]) -> T:
