@@ -5,8 +5,8 @@ after the schedule seeds).
 The mix: image questions (prompts of 800 to 2000 tokens, longer than a prefill chunk) on images the
 server has not seen and on repeated ones, predictions cancelled with PUT + /cancel, clients that
 disconnect mid-answer, and a few bad inputs (a corrupt image, a prompt longer than the context).
-The well-formed questions are drawn from a pool of ASK_POOL distinct ones, so that the solo texts
-they are checked against take minutes, not an hour, whatever the count.
+The well-formed questions are drawn from a pool of ASK_POOL distinct ones (a quarter of the count if
+fewer), so that the solo texts they are checked against take minutes, not an hour, whatever the count.
 
 It checks that every success has the text the same request gets alone in this process (prefix cache
 off), that only the bad inputs fail and each with its own message, that 409 comes only for requests
@@ -109,7 +109,8 @@ class Action:
 def plan(rng: random.Random, repeated: list[str], new: list[str], predictions: int) -> list[list[Action]]:
     """Waves of at most CONCURRENCY predictions, but for overflow waves of plain questions
     (CONCURRENCY + 2 at once: the second wave, then every 7th); `predictions` in all. The
-    questions are new draws until ASK_POOL distinct ones were drawn, then picks among those."""
+    questions are new draws until ASK_POOL distinct ones (a quarter of `predictions` if fewer)
+    were drawn, then picks among those."""
     unused = list(new)
     rng.shuffle(unused)
     pool: dict[Ask, None] = {}  # insertion-ordered, for a reproducible pick
@@ -120,8 +121,10 @@ def plan(rng: random.Random, repeated: list[str], new: list[str], predictions: i
         images = (first,) if rng.random() < 0.7 else (first, rng.choice(repeated))
         return Ask(images, rng.choice(QUESTIONS), rng.randrange(4), rng.choice([4, 8, 16]))
 
+    pool_size = min(ASK_POOL, max(predictions // 4, 1))
+
     def ask() -> Ask:
-        if len(pool) < ASK_POOL:
+        if len(pool) < pool_size:
             pool[chosen := draw()] = None
             return chosen
         return rng.choice(list(pool))
@@ -300,6 +303,10 @@ def rss_growth(rss: list[int]) -> tuple[float, str]:
     return trend / base, figures
 
 
+def progress(message: str) -> None:
+    print(f"soak {time.strftime('%H:%M:%S')}: {message}", file=sys.stderr, flush=True)
+
+
 def solo_texts(asks: set[Ask], folder: Path) -> dict[Ask, str]:
     """Each request's text alone, in this process, prefix cache off (what the server must give)."""
     texts = {}
@@ -334,6 +341,7 @@ def main() -> int:
         warm_up_waves = warm_up(repeated)
         waves = plan(rng, repeated, new, args.predictions)
         asks = {a.ask for wave in waves + warm_up_waves for a in wave if a.ask is not None}
+        progress(f"{len(asks)} distinct questions alone, in this process")
         solo = solo_texts(asks, folder)
         environment = {
             "DEEPSEEK_VL2_WEIGHTS": str(CHECKPOINT),
@@ -347,9 +355,12 @@ def main() -> int:
                 soak.run_wave(wave)
             soak.counts.clear()  # the summary counts the measured predictions only
             rss = []
-            for wave in waves:
+            progress(f"{len(waves)} waves of {args.predictions} predictions after {len(warm_up_waves)} warm-up waves")
+            for index, wave in enumerate(waves, 1):
                 soak.run_wave(wave)
                 rss.append(worker_rss_bytes(server.pid))
+                if index % 10 == 0:
+                    progress(f"wave {index}/{len(waves)}: worker RSS {rss[-1] / 2**20:.0f} MiB")
             status = server.settled_status(WAIT_S)
             dropped = server.log_text().count("cancelled after")
     growth, figures = rss_growth(rss)
