@@ -30,11 +30,12 @@ test: venv
 	done
 
 # Many more schedule seeds than CI (SEEDS=500: seeds 0-499; SEEDS=a-b or SEEDS=a,b,c to replay), then
-# the HTTP soak of the real server (scripts/soak.py). About 20 minutes on two CPU cores.
+# the HTTP soak of the real server (scripts/soak.py) with SOAK_PREDICTIONS predictions (default 1000).
 SEEDS ?= 500
+SOAK_PREDICTIONS ?= 1000
 soak: venv
 	SEEDS=$(SEEDS) $(PY) -m pytest -q -s tests/engine/test_schedules.py
-	$(PY) scripts/soak.py
+	$(PY) scripts/soak.py --predictions $(SOAK_PREDICTIONS)
 
 # Random weights in the real layout: the demo's answers are noise.
 $(DEMO_STAMP): scripts/make_demo_checkpoint.py | venv

@@ -28,6 +28,7 @@ from ..compute.quantized import QuantizeSpec
 from ..inputs.processor import Processor
 from ..inputs.tokenizer import StreamDecoder
 from ..model.model import DeepseekVL2
+from . import memory
 from .admission import admit
 from .calibration import choose_execution
 from .engine_thread import EngineThread
@@ -112,7 +113,7 @@ class Engine:
             "tiles while answers run, decode %s, prefix cache %.2f GiB",
             self.max_batch, self.scheduler.prefiller.prefill_chunk_size, self.scheduler.prefiller.vision_chunk_tiles,
             "compiled" if self.runner.decode_compiled else "eager",
-            self.prefix_cache.budget_bytes / 2**30 if self.prefix_cache else 0.0,
+            self.prefix_cache.budget_bytes / 2**30 if self.prefix_cache is not None else 0.0,
         )  # fmt: skip
 
     def _on_thread(self, job: Callable[[], T]) -> T:
@@ -133,8 +134,10 @@ class Engine:
         self.config = self.model.config
         self.context_length = self.config.language.max_position_embeddings
         self.eos_id = processor.tokenizer.eos_id
+        log.info(memory.read_memory().describe())  # the cache sizes below keep within it
         if not max_batch and self.device.type != "cuda":
-            max_batch = planned_max_batch(cuda=False)  # the rule, and the batch calibration measured at
+            # The rule calibration measured at, within what the memory holds (runner.default_max_batch).
+            max_batch = default_max_batch(self.model, planned_max_batch(cuda=False))
         max_batch = max_batch or env_int(MAX_BATCH_ENV) or default_max_batch(self.model, env_int(CONCURRENCY_ENV))
         prefill_chunk_size = prefill_chunk_size or env_int(PREFILL_CHUNK_ENV) or DEFAULT_PREFILL_CHUNK
         if vision_chunk_tiles is None:

@@ -17,6 +17,7 @@ import torch
 
 from ..inputs.processor import ProcessorOutput
 from ..model.model import DeepseekVL2, tiles_per_image
+from . import memory
 from .settings import CPU_DEFAULT_MAX_BATCH, GPU_MAX_BATCH_CAP
 
 log = logging.getLogger(__name__)
@@ -40,23 +41,33 @@ def cache_bytes_per_row(model: DeepseekVL2) -> int:
 
 def free_memory_bytes(device: torch.device) -> int:
     """Memory still free for caches: the GPU's free memory less the activation reserve, or the
-    host's available memory (Linux MemAvailable; 0 where it cannot be read)."""
+    host memory the process may still take (memory.read_memory: Linux MemAvailable within the
+    cgroup's memory limit; 0 where neither can be read)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] - GPU_ACTIVATION_RESERVE_BYTES
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 0
+    return memory.read_memory().available or 0
 
 
 def default_max_batch(model: DeepseekVL2, wanted: int | None = None) -> int:
-    """`wanted` rows (the HTTP concurrency, when it is set), else 4 on the CPU and 16 on a GPU;
-    on a GPU at most what half of the memory left after the weights and the activation reserve
-    holds (the other half is for the prefix cache)."""
+    """`wanted` rows (the HTTP concurrency, when it is set), else 4 on the CPU and 16 on a GPU,
+    at most what half of the memory left after the weights holds (the other half is for the prefix
+    cache and, on the CPU, activations): on a GPU beyond the activation reserve, on the CPU within
+    the cgroup limit. The CPU cache's pages become resident only as they are written, but a full
+    batch of long requests writes them all."""
     if model.device.type != "cuda":
-        return wanted or CPU_DEFAULT_MAX_BATCH
+        rows = wanted or CPU_DEFAULT_MAX_BATCH
+        available = memory.read_memory().available
+        if available is None:
+            return rows  # unknown (no /proc/meminfo, no cgroup): as asked
+        fits = available // 2 // cache_bytes_per_row(model)
+        if fits < rows:
+            log.warning(
+                "host memory holds %d cache rows of the whole context (%.2f GiB each), not %d: "
+                "%.2f GiB available to the process; the other concurrent requests wait in the queue",
+                max(fits, 1), cache_bytes_per_row(model) / 2**30, rows, available / 2**30,
+            )  # fmt: skip
+            rows = max(int(fits), 1)
+        return rows
     free = free_memory_bytes(model.device)
     rows = min(wanted or GPU_MAX_BATCH_CAP, free // 2 // cache_bytes_per_row(model))
     if rows < 1:

@@ -16,8 +16,10 @@ from parity import CHECKPOINTS, IMAGES
 from PIL import Image
 
 from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, GenerationResult, Processor
+from deepseek_vl2.engine import memory
+from deepseek_vl2.engine.memory import Memory
 from deepseek_vl2.engine.prefix_cache import PrefixCache, PromptKeys, cache_budget, image_span_ranges
-from deepseek_vl2.engine.runner import ModelRunner
+from deepseek_vl2.engine.runner import ModelRunner, cache_bytes_per_row
 from deepseek_vl2.engine.scheduler import RequestCancelled
 from deepseek_vl2.inputs.images import load_image
 
@@ -203,3 +205,30 @@ def test_a_request_cancelled_during_prefill_leaves_no_prefix():
         assert outcome and isinstance(outcome[0], RequestCancelled)
         assert request.keys.prefixes[-1] not in engine.prefix_cache
         # The cancelled request's image embeddings are complete and correct; they may stay.
+
+
+def test_the_engine_sizes_its_caches_within_the_cgroup_limit(monkeypatch, caplog):
+    """The KV rows and the prefix cache budget follow what the cgroup leaves, not the host's
+    MemAvailable (memory.read_memory is what runner and engine ask)."""
+    path = CHECKPOINTS / "tiny-mla"
+    model, processor = DeepseekVL2.from_pretrained(path), Processor.from_pretrained(path)
+    row = cache_bytes_per_row(model)
+    for name in ("DEEPSEEK_VL2_MAX_BATCH", "COG_MAX_CONCURRENCY", "DEEPSEEK_VL2_PREFIX_CACHE_GB"):
+        monkeypatch.delenv(name, raising=False)
+
+    def build(found: Memory) -> tuple[int, int]:
+        monkeypatch.setattr(memory, "read_memory", lambda: found)
+        with Engine(model, processor, threaded=False) as engine:
+            return engine.max_batch, engine.prefix_cache.budget_bytes if engine.prefix_cache is not None else 0
+
+    host = 100 * 2**30
+    with caplog.at_level(logging.INFO, logger="deepseek_vl2.engine.engine"):
+        assert build(Memory(host)) == (4, 2 * 2**30)  # no limit: the defaults
+    # The ready line reports the budget (an empty PrefixCache is falsy: it has a length).
+    assert "memory: no cgroup limit" in caplog.text and "prefix cache 2.00 GiB" in caplog.text
+    # 3 GiB left under the limit: 4 rows, and a quarter of what they leave.
+    with caplog.at_level(logging.INFO, logger="deepseek_vl2.engine.engine"):
+        assert build(Memory(host, limit=4 * 2**30, usage=2**30)) == (4, (3 * 2**30 - 4 * row) // 4)
+    assert "memory: cgroup limit 4.00 GiB, 3.00 GiB available" in caplog.text
+    # 6 rows' worth left: the 3 rows half of it holds, then a quarter of the other half.
+    assert build(Memory(host, limit=2**30, usage=2**30 - 6 * row)) == (3, 3 * row // 4)

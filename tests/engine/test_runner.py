@@ -4,6 +4,7 @@ moves, and the compiled decode on the path CUDA takes."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -11,7 +12,11 @@ from parity import CHECKPOINTS, case, conversation
 
 from deepseek_vl2 import DeepseekVL2, Processor
 from deepseek_vl2.compute.execution import Execution
-from deepseek_vl2.engine.runner import CPU_VISION_TILES_AT_ONCE, ModelRunner, batch_buckets
+from deepseek_vl2.engine import memory
+from deepseek_vl2.engine.memory import Memory
+from deepseek_vl2.engine.runner import (
+    CPU_VISION_TILES_AT_ONCE, ModelRunner, batch_buckets, cache_bytes_per_row, default_max_batch,
+)  # fmt: skip
 
 # The fixtures' config.json sets a 4096-token context; fp32 paths agree to rounding.
 ATOL = 1e-4
@@ -172,3 +177,26 @@ def test_the_cpu_encodes_a_few_tiles_at_a_time_with_the_same_features(models, mo
         features = runner.encode_tiles(tiles)
     assert max(batches) == CPU_VISION_TILES_AT_ONCE and sum(batches) == tiles.shape[0]
     torch.testing.assert_close(features, whole, atol=ATOL, rtol=0)
+
+
+def test_cpu_rows_fit_in_half_of_the_memory_the_process_may_take(models, monkeypatch, caplog):
+    model = models["tiny-mla"]
+    row = cache_bytes_per_row(model)
+
+    def rows(found: Memory, wanted: int | None = None) -> int:
+        monkeypatch.setattr(memory, "read_memory", lambda: found)
+        return default_max_batch(model, wanted)
+
+    plenty = 2**40
+    assert rows(Memory(plenty)) == 4  # the CPU default
+    assert rows(Memory(plenty), wanted=8) == 8
+    assert rows(Memory(None)) == 4  # nothing known: as asked
+    assert "cache rows" not in caplog.text
+    # A cgroup limit leaving 6 rows' worth: half of it holds 3 rows, whatever the host has free.
+    with caplog.at_level(logging.WARNING, logger="deepseek_vl2.engine.runner"):
+        assert rows(Memory(plenty, limit=10 * row, usage=4 * row), wanted=8) == 3
+    assert "host memory holds 3 cache rows of the whole context" in caplog.text and "not 8" in caplog.text
+    assert rows(Memory(plenty, limit=10 * row, usage=4 * row), wanted=2) == 2
+    assert rows(Memory(5 * row)) == 2  # the host's own MemAvailable caps too
+    assert rows(Memory(plenty, limit=10 * row, usage=10 * row)) == 1  # never fewer than one row
+    assert rows(Memory(plenty, limit=10 * row, usage=9 * row), wanted=4) == 1
