@@ -353,8 +353,8 @@ def main() -> int:
             # each keeps its freed blocks: with coglet's and torch's threads the worker's RSS kept
             # climbing in steps (two runs of 200 predictions: 1316 -> 1456 MiB, +1.70% over the last
             # half; 1285 -> 1356 MiB, +0.85%). Two arenas: 807 -> 1128 MiB, +0.00%; 989 -> 1087
-            # MiB, +0.03%; and it goes down again between waves. The image needs the
-            # same line (cog.yaml `environment`) for the server to behave as it does here.
+            # MiB, +0.03%; and it goes down again between waves. The image sets the same
+            # (cog.yaml `environment`).
             "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
         }
         with LocalCogServer(environment) as server:

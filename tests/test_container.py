@@ -118,6 +118,11 @@ def test_environment_bakes_a_concurrency_limit(cog_config: dict) -> None:
     assert "concurrency" not in cog_config, "the top-level concurrency key is deprecated"
 
 
+def test_environment_caps_glibc_arenas_as_the_soak_runs(cog_config: dict) -> None:
+    # The soak measured flat memory with two arenas; the image must run the worker the same way.
+    assert _environment(cog_config).get("MALLOC_ARENA_MAX") == "2"
+
+
 def test_environment_entries_are_ones_cog_accepts(cog_config: dict) -> None:
     for name, value in _environment(cog_config).items():
         for reserved in COG_RESERVED_ENV:
