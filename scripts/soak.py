@@ -164,6 +164,8 @@ def warm_up(repeated: list[str]) -> list[list[Action]]:
     return [asks, oversized, dropped] * WARM_UP_ROUNDS
 
 
+# What the engine logs when it drops a cancelled or abandoned request (engine/scheduler.py).
+DROPPED_LINE = "cancelled after"
 # A question that runs for thousands of tokens unless cancelled.
 ENDLESS = {"text": "Count.", "max_new_tokens": 4000, "temperature": 0}
 
@@ -174,6 +176,7 @@ class Soak:
         self.endless = ENDLESS | {"image1": png_uri(folder / repeated[0])}
         self.counts: Counter[str] = Counter()
         self.problems: list[str] = []
+        self.dropped = 0  # cancelled or abandoned predictions the server took, warm-up included
         self._lock = threading.Lock()
         self._ids = iter(range(10**6))
 
@@ -192,6 +195,12 @@ class Soak:
         self.counts["409"] += rejected
         if rejected > max(len(wave) - CONCURRENCY, 0):
             self.problem(f"{rejected} answers 409 in a wave of {len(wave)} (concurrency {CONCURRENCY})")
+        # A cancelled or abandoned prediction holds its slot until the engine drops it, at its next
+        # step, which may be seconds of vision work away; the server says READY as soon as one
+        # slot is free. Without this wait the next full wave met a slot still held: one 409.
+        self.dropped += sum(1 for a, s in zip(wave, statuses) if a.kind in ("cancel", "disconnect") and s != 409)
+        if not self.server.wait_for_log(DROPPED_LINE, self.dropped, WAIT_S):
+            self.problem(f"{self.dropped} predictions dropped so far, but the engine logged fewer drops")
         if self.server.settled_status(WAIT_S) != "READY":
             self.problem(f"not READY after a wave: {self.server.health_status()}")
 
@@ -370,7 +379,7 @@ def main() -> int:
                 if index % 10 == 0:
                     progress(f"wave {index}/{len(waves)}: worker RSS {rss[-1] / 2**20:.0f} MiB")
             status = server.settled_status(WAIT_S)
-            dropped = server.log_text().count("cancelled after")
+            dropped = server.log_text().count(DROPPED_LINE)
     growth, figures = rss_growth(rss)
     if growth >= RSS_GROWTH_LIMIT:
         soak.problem(f"worker RSS grew {growth:.2%} over the last half of the waves (limit {RSS_GROWTH_LIMIT:.0%})")

@@ -129,7 +129,7 @@ class Execution:
     # and every expert of a prefill chunk gets its own count: padding makes them a few shapes (the
     # seed prompt's prefill, tiny, 2-core AMX Xeon: 3.7-4.0 s -> 2.2-2.6 s; multiples of 16: 2.6-2.8 s).
     native_row_multiple: int = 0
-    # Products of at least this many rows with a quantized weight (compute/quantized.py) dequantize it into a
+    # Products of at least this many rows with a quantized weight (quantized.py) dequantize it into a
     # reused buffer and run a dense product in `compute_dtype`; fewer rows run the weight's own
     # kernel, which streams the quantized bytes (0: always the kernel).
     dequantize_min_rows: int = 0

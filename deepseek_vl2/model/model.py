@@ -100,7 +100,7 @@ class DeepseekVL2(nn.Module):
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate (uninitialised) parameters; routers stay fp32, RoPE tables are computed."""
         ours = {name: tuple(p.shape) for name, p in self.named_parameters()}
-        # Quantized weights (compute/quantized.py) are buffers in another format, but the same tensors.
+        # Quantized weights (compute/quantized.py) are buffers in another format, the same tensors.
         for name, module in self.named_modules():
             if isinstance(module, QuantizedModule):
                 ours |= {f"{name}.{weight}": shape for weight, shape in module.quantized.items()}

@@ -46,8 +46,8 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator)
 def randomize_(model: torch.nn.Module, config: DeepseekVL2Config, seed: int = 0) -> None:
     """Fill a materialised model in place, tensor by tensor, without building a checkpoint.
 
-    Quantized weights (compute/quantized.py) draw the same values in the model dtype, one matrix at a time,
-    and store them quantized: a quantized model never exists in the model dtype.
+    Quantized weights (compute/quantized.py) draw the same values in the model dtype, one matrix at
+    a time, and store them quantized: a quantized model never exists in the model dtype.
     """
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device

@@ -1,1 +1,3 @@
-"""The service's edges: the command line, the local Cog server launcher, the OpenAPI schema and weight download. Imports every layer below."""
+"""The service's edges: the command line, the local Cog server launcher, the OpenAPI schema and
+weight download. Imports every layer below.
+"""

@@ -134,6 +134,15 @@ class LocalCogServer:
             status = self.health_status()
         return status
 
+    def wait_for_log(self, text: str, count: int, timeout_s: float = 10.0) -> bool:
+        """Whether the server's log holds `text` at least `count` times within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self.log_text().count(text) < count:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
     def predict(
         self, inputs: dict[str, Any], prediction_id: str | None = None, timeout_s: float = 300.0
     ) -> tuple[int, Any]:
