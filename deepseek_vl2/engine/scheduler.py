@@ -206,22 +206,31 @@ class Scheduler:
             cancelled.append(self.admitting)
             self.admitting = None  # its row was never part of the batch: nothing to move
         rows = [i for i, r in enumerate(self.running) if r.cancelled]
-        cancelled += [self.running[i] for i in rows]
-        # Answered before the rows move, so that a failing move cannot take their answer.
+        leaving = [self.running[i] for i in rows]
         for request in cancelled:
-            log.info(
-                "request %d cancelled after %d tokens, while %s",
-                request.id, len(request.tokens), request.stage.value,
-            )  # fmt: skip
-            self._finish(request, RequestCancelled(f"request {request.id} was cancelled"))
+            self._cancel(request)
         try:
+            # Out of the batch before they are answered, so that a caller told of its
+            # cancellation never sees its row still busy.
             self._retire(rows)
         except Exception as error:
             log.exception("moving cache rows after a cancel failed; failing the running requests")
             self._fail_in_flight(
                 {Stage.DECODING},
-                lambda request, stage: StepFailed(request, stage, "moving its cache row after a cancel", error),
-            )
+                lambda request, stage: (
+                    RequestCancelled(f"request {request.id} was cancelled") if request.cancelled
+                    else StepFailed(request, stage, "moving its cache row after a cancel", error)
+                ),
+            )  # fmt: skip
+            return
+        for request in leaving:
+            self._cancel(request)
+
+    def _cancel(self, request: Request) -> None:
+        log.info(
+            "request %d cancelled after %d tokens, while %s", request.id, len(request.tokens), request.stage.value
+        )
+        self._finish(request, RequestCancelled(f"request {request.id} was cancelled"))
 
     # ---- QUEUED -> ENCODING ------------------------------------------------------------------
 
@@ -274,7 +283,9 @@ class Scheduler:
         token = int(request.sampler(self.runner.logits(hidden[None]))[0])
         request.timings.prefill_s += time.perf_counter() - started
         self.admitting = None
-        if self._accept(request, token):
+        self._record(request, token)
+        if self._complete(request):
+            request.emit(token)
             self._finish(request)
             return
         request.enter(Stage.DECODING)
@@ -282,6 +293,7 @@ class Scheduler:
         self.runner.move_row(request.row, target, request.cached_len)
         request.row = target
         self.running.append(request)
+        request.emit(token)  # once in the batch: whoever holds the first token finds it there
 
     # ---- DECODING -> FINISHED ----------------------------------------------------------------
 
@@ -293,16 +305,24 @@ class Scheduler:
         sampled = [r.sampler(logits[i : i + 1]) for i, r in enumerate(self.running)]
         next_tokens = torch.cat(sampled).tolist()
         finished = [i for i, (r, t) in enumerate(zip(self.running, next_tokens)) if self._accept(r, t)]
-        for i in finished:  # answered before the rows move: a failing move cannot take it back
-            self._finish(self.running[i])
+        done = [self.running[i] for i in finished]
+        # Out of the batch before they are answered, so that a caller holding its answer never sees
+        # its row still busy. Should a move fail, they are complete: the step's recovery
+        # (_fail_in_flight) answers them with their result.
         self._retire(finished)
+        for request in done:
+            self._finish(request)
 
     def _accept(self, request: Request, token: int) -> bool:
         """Record and send a new token; True when the request is complete."""
-        request.tokens.append(token)
-        request.timings.token_times.append(time.perf_counter() - request.timings.started)
+        self._record(request, token)
         request.emit(token)
         return self._complete(request)
+
+    @staticmethod
+    def _record(request: Request, token: int) -> None:
+        request.tokens.append(token)
+        request.timings.token_times.append(time.perf_counter() - request.timings.started)
 
     def _complete(self, request: Request) -> bool:
         """Whether the request's answer is whole: it ends with EOS or has max_new_tokens tokens."""

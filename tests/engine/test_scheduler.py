@@ -320,3 +320,38 @@ def test_progress_reports_each_vision_batch_and_prefill_chunk(alone):
     assert calls == ["vision"]
     for result in (reported, unreported):
         assert_same_tokens(job, result.token_ids, alone["tiny-mla-noaux", repr(job)])
+
+
+def test_no_event_runs_ahead_of_the_scheduler():
+    # A caller acts on its events (predict cancels the request it holds; tests count busy rows),
+    # so each event must find the scheduler as it says: a request is in the batch when its first
+    # token arrives, and out of it when its answer, or its cancellation, arrives.
+    path = CHECKPOINTS / "tiny-mha"
+    with Engine.from_pretrained(path, max_batch=2, prefix_cache_bytes=0, threaded=False) as engine:
+        scheduler = engine.scheduler
+        seen: dict[str, list[tuple[str, bool]]] = {"answered": [], "cancelled": []}
+        requests = {}
+
+        def watcher(name: str):
+            def notify(event) -> None:
+                request = requests[name]
+                if isinstance(event, int) and not seen[name]:
+                    seen[name].append(("first token, in the batch", request in scheduler.running))
+                elif event is None or isinstance(event, BaseException):
+                    seen[name].append((type(event).__name__, request not in scheduler.running))
+
+            return notify
+
+        messages, images = conversation(case("tiny-mha/m_text"))
+        params = SamplingParams(temperature=0)
+        for name, tokens in (("answered", 6), ("cancelled", 500)):
+            requests[name] = engine.submit(messages, images, tokens, params, watcher(name))
+        while scheduler.has_work:
+            scheduler.step()
+            if len(requests["cancelled"].tokens) == 3:
+                requests["cancelled"].cancel()
+        assert seen == {
+            "answered": [("first token, in the batch", True), ("NoneType", True)],
+            "cancelled": [("first token, in the batch", True), ("RequestCancelled", True)],
+        }
+        assert scheduler.busy_rows == 0
