@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from parity import CHECKPOINTS, COMPILE_DECODE, DEVICE, case, conversation, model_cases
 from PIL import Image
 
-from deepseek_vl2 import ContextOverflowError, DeepseekVL2, Engine, Processor
+from deepseek_vl2 import ContextOverflowError, DeepseekVL2, Engine, Processor, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +131,28 @@ def test_the_batch_follows_the_servers_concurrency_unless_set(monkeypatch):
     monkeypatch.setenv("DEEPSEEK_VL2_MAX_BATCH", "0")
     with pytest.raises(ValueError, match="DEEPSEEK_VL2_MAX_BATCH must be a positive integer"):
         batch()
+
+
+def test_an_unknown_image_detail_is_refused_before_anything_is_queued(engines):
+    engine = engines["tiny-mla"]
+    messages, images = conversation(case("tiny-mla/m_one"))
+    message = r"image_detail must be one of auto, low; got 'high'"
+    with pytest.raises(ValueError, match=message):
+        engine.generate(messages, images, max_new_tokens=4, image_detail="high")
+    with pytest.raises(ValueError, match=message):
+        next(engine.stream(messages, images, max_new_tokens=4, image_detail="high"))
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(engine.generate_async(messages, images, max_new_tokens=4, image_detail="high"))
+    with pytest.raises(ValueError, match=message):
+        engine.submit(messages, images, 4, SamplingParams(), lambda event: None, image_detail="high")
+    assert engine.scheduler.busy_rows == 0
+
+
+def test_low_image_detail_answers_from_the_shorter_prompt(engines):
+    engine = engines["tiny-mla"]
+    messages, images = conversation(case("tiny-mla/m_one"))
+    auto = engine.generate(messages, images, max_new_tokens=4, temperature=0)
+    low = engine.generate(messages, images, max_new_tokens=4, temperature=0, image_detail="low")
+    assert auto.prompt_tokens == case("tiny-mla/m_one")["seq_len"]
+    assert low.prompt_tokens == engine.processor(messages, images, "low").input_ids.shape[1]
+    assert low.prompt_tokens < auto.prompt_tokens and len(low.token_ids) == 4
