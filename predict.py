@@ -137,6 +137,17 @@ class Predictor(BasePredictor):
             default=None,
             description="Random seed for reproducible sampling. Leave empty for a random seed.",
         ),
+        image_detail: str = Input(
+            default="auto",
+            choices=["auto", "low"],  # deepseek_vl2.IMAGE_DETAILS (a literal, for `cog build`)
+            description=(
+                "How closely each image is seen. `auto`: high-resolution tiling (up to ~1800 "
+                "tokens per image) with one or two images, as the official model does. `low`: "
+                "each image as one 384x384 view (421 tokens), as `auto` does with three images; "
+                "small details may be missed, but for a large image the first token comes over "
+                "4x sooner (measured on a 2-core CPU: 11 s instead of 49 s)."
+            ),
+        ),
     ) -> ModelOutput:
         arguments = _resolve_arguments(locals())
         if arguments["repetition_penalty"] <= 0:
@@ -161,6 +172,7 @@ class Predictor(BasePredictor):
             top_k=arguments["top_k"],
             repetition_penalty=arguments["repetition_penalty"],
             seed=seed_value,
+            image_detail=arguments["image_detail"],
         )
         if result.max_new_tokens_clipped:
             logger.warning(
@@ -217,6 +229,8 @@ def _resolve_arguments(values: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{name} must be at least {field.ge}, got {value}")
             if field.le is not None and value > field.le:
                 raise ValueError(f"{name} must be at most {field.le}, got {value}")
+        if field.choices is not None and value not in field.choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, field.choices))}; got {value!r}")
         resolved[name] = value
     if resolved["image1"] is None:
         raise ValueError("image1 is required")

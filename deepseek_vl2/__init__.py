@@ -8,6 +8,7 @@ from .inputs.conversation import build_messages
 from .inputs.grounding import GroundedObject, parse_grounding, render_grounding
 from .inputs.images import ImageInputError, load_image
 from .inputs.processor import Processor, ProcessorOutput
+from .inputs.tiling import IMAGE_DETAILS
 from .inputs.tokenizer import StreamDecoder, Tokenizer
 from .model.checkpoint import CheckpointError, checkpoint_manifest
 from .model.config import ConfigError, DeepseekVL2Config
@@ -18,7 +19,7 @@ __all__ = [
     # model
     "DeepseekVL2Config", "ConfigError", "DeepseekVL2", "checkpoint_manifest", "CheckpointError",
     # processor
-    "Processor", "ProcessorOutput", "Tokenizer", "StreamDecoder", "build_messages",
+    "Processor", "ProcessorOutput", "Tokenizer", "StreamDecoder", "build_messages", "IMAGE_DETAILS",
     # generation
     "Engine", "GenerationResult", "SamplingParams", "ContextOverflowError",
     # service helpers

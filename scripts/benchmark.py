@@ -12,6 +12,9 @@ every request decodes the full length.
 With --repeat-image: two different questions about the seed image, one after the other; the
 second reuses the first's image prefix from the prefix cache.
 
+With --image-detail low: every image seen as one 384x384 view plus one 1x1 tile (421 tokens), as
+the official processor does with more than two images; auto (the default) tiles the seed image 4x2.
+
 With --quantize int8|int4: the language model's linear weights quantized (deepseek_vl2/compute/quantized.py),
 built directly in quantized form one tensor at a time, so a variant too large for memory in bf16
 still runs; one mode per run, to be compared with a run of another mode.
@@ -19,7 +22,7 @@ still runs; one mode per run, to be compared with a run of another mode.
 Usage: python scripts/benchmark.py [--variant tiny|small|base] [--device cpu|cuda]
        [--dtype float32|bfloat16] [--concurrency 1,2,4,8] [--text-only] [--new-tokens 64]
        [--json PATH] [--repeat-image] [--execution auto|upcast|native|many=...,few=...,attention=...]
-       [--quantize none|int8|int4]
+       [--quantize none|int8|int4] [--image-detail auto|low]
 
 --execution says how the CPU runs its products (deepseek_vl2/execution.py): `auto` (the default)
 calibrates on this machine, any other value forces that choice. The JSON report gains "execution"
@@ -54,6 +57,7 @@ from deepseek_vl2.compute.quantized import MODES, QuantizeSpec  # noqa: E402
 from deepseek_vl2.engine.calibration import choose_execution  # noqa: E402
 from deepseek_vl2.engine.runner import cache_bytes_per_row  # noqa: E402
 from deepseek_vl2.engine.settings import DTYPES, default_device, default_dtype  # noqa: E402
+from deepseek_vl2.inputs.tiling import IMAGE_DETAILS  # noqa: E402
 from deepseek_vl2.model.quantized_modules import quantize_model, quantized_bytes  # noqa: E402
 from deepseek_vl2.model.random_weights import randomize_  # noqa: E402
 
@@ -184,10 +188,14 @@ def request(text_only: bool, question: str = SEED_PROMPT) -> tuple[list[dict[str
     return [{"role": "user", "content": f"<image>\n{question}"}], [Image.open(SEED_IMAGE).convert("RGB")]
 
 
-def run_level(engine: Engine, concurrency: int, text_only: bool, new_tokens: int) -> tuple[dict[str, Any], list[GenerationResult]]:
+def run_level(
+    engine: Engine, concurrency: int, text_only: bool, new_tokens: int, image_detail: str = "auto"
+) -> tuple[dict[str, Any], list[GenerationResult]]:
     """`concurrency` identical requests at once; the JSON level record and the results."""
     messages, images = request(text_only)
-    generate = lambda _: engine.generate(messages, images, max_new_tokens=new_tokens, temperature=0)  # noqa: E731
+    generate = lambda _: engine.generate(  # noqa: E731
+        messages, images, max_new_tokens=new_tokens, temperature=0, image_detail=image_detail
+    )
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(generate, range(concurrency)))
     first = [r.timings.started + r.timings.first_token_s for r in results]
@@ -229,12 +237,14 @@ def print_stages(
         )
 
 
-def repeat_image(engine: Engine, new_tokens: int) -> None:
+def repeat_image(engine: Engine, new_tokens: int, image_detail: str = "auto") -> None:
     """Two different questions about the seed image in a row."""
     results = []
     for question in (SEED_PROMPT, FOLLOW_UP_PROMPT):
         messages, images = request(False, question)
-        results.append(engine.generate(messages, images, max_new_tokens=new_tokens, temperature=0))
+        results.append(
+            engine.generate(messages, images, max_new_tokens=new_tokens, temperature=0, image_detail=image_detail)
+        )
     first, second = results
     ratio = second.timings.first_token_s / first.timings.first_token_s
     print("repeat image: two questions about the seed image, one after the other")
@@ -261,6 +271,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the levels as JSON here")
     parser.add_argument("--execution", default="auto", help="auto (calibrate), upcast, native, or many=...,few=...,attention=...")
     parser.add_argument("--quantize", choices=MODES, default="none", help="the language model's linear weights (default none)")
+    parser.add_argument("--image-detail", choices=IMAGE_DETAILS, default="auto", help="auto (4x2 tiles for the seed image) or low (one tile)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -311,16 +322,16 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
     if args.repeat_image:
-        repeat_image(engine, args.new_tokens)
+        repeat_image(engine, args.new_tokens, args.image_detail)
         engine.close()
         return
 
     prompt = "text-only" if args.text_only else "seed-image"
     records = []
-    print(f"{prompt} prompt, {args.new_tokens} new tokens per request")
+    print(f"{prompt} prompt, image detail {args.image_detail}, {args.new_tokens} new tokens per request")
     print("  concurrency | aggregate decode tok/s | TTFT p50 / p95 (s) | inter-token p50 / p95 (ms)")
     for concurrency in levels:
-        level, results = run_level(engine, concurrency, args.text_only, args.new_tokens)
+        level, results = run_level(engine, concurrency, args.text_only, args.new_tokens, args.image_detail)
         records.append(level)
         print(
             f"  {concurrency:11d} | {level['aggregate_decode_tokens_per_s']:22.2f} | "
@@ -349,6 +360,7 @@ def main() -> None:
             "dtype": dtype_name,
             "quantize": quantize.mode,
             "prompt": prompt,
+            "image_detail": args.image_detail,
             "peak_rss_gib": peak_rss_gib(),
             "peak_cuda_gib": peak_cuda,
             "levels": records,

@@ -18,6 +18,7 @@ from parity import served_answer
 from PIL import Image
 
 import predict
+from deepseek_vl2 import IMAGE_DETAILS
 from deepseek_vl2.engine.request import Timings
 from deepseek_vl2.inputs.grounding import PALETTE, to_pixel_box
 from deepseek_vl2.inputs.images import ALLOW_LOCAL_FILES_ENV
@@ -129,6 +130,7 @@ def test_unpassed_inputs_get_their_declared_defaults(local_files: None) -> None:
         "top_p": 0.9,
         "top_k": 50,
         "repetition_penalty": 1.1,
+        "image_detail": "auto",
     }
 
 
@@ -164,6 +166,7 @@ def test_numbers_are_converted_and_images_passed_in_order(local_files: None) -> 
         ({"max_new_tokens": 4097}, "max_new_tokens must be at most 4096"),
         ({"top_k": -1}, "top_k must be at least 0"),
         ({"image1": None}, "image1 is required"),
+        ({"image_detail": "high"}, "image_detail must be one of auto, low; got 'high'"),
     ],
 )
 def test_invalid_inputs_are_refused_before_generation(inputs: dict[str, Any], message: str) -> None:
@@ -296,3 +299,30 @@ def test_metrics_follow_replicates_language_model_convention() -> None:
         "tokens_per_second": 4.0,  # four tokens after the first, in one second
         "cached_prompt_tokens": 300,
     }
+
+
+def test_image_detail_choices_are_the_engines() -> None:
+    assert predict._INPUT_FIELDS["image_detail"].choices == list(IMAGE_DETAILS)
+    assert predict._INPUT_FIELDS["image_detail"].default == "auto"
+
+
+def test_low_image_detail_reports_its_smaller_prompt_in_the_metrics(
+    local_files: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    predictor = make_predictor(FIXTURES / "checkpoints" / "tiny-mla", monkeypatch)
+    counts = {}
+    for detail in ("auto", "low"):
+        metrics: dict[str, Any] = {}
+        monkeypatch.setattr(predictor, "record_metric", lambda name, value: metrics.__setitem__(name, value))
+        call_predict(
+            predictor,
+            text="Describe each stage of this image in detail",
+            image1=cog.Path(IMAGES / "vqa_1.jpg"),
+            max_new_tokens=2,
+            temperature=0,
+            image_detail=detail,
+        )
+        counts[detail] = metrics["input_token_count"]
+    # The seed image takes 1807 tokens at auto detail (4x2 tiles, as in the official p_seed case of
+    # tests/fixtures/processor_cases.json) and 421 at low detail; the text around it is the same.
+    assert counts["auto"] - counts["low"] == 1807 - 421

@@ -33,13 +33,16 @@ def admit(
     notify: Callable[[Event], None],
     progress: Progress | None = None,
     cache_identity: str | None = None,
+    image_detail: str = "auto",
 ) -> Request:
     """The request for this conversation, ready to queue. `cache_identity` (the weights and how
-    they compute) keys its prompt for the prefix cache; None when there is no prefix cache."""
+    they compute) keys its prompt for the prefix cache; None when there is no prefix cache.
+    `image_detail` goes to the processor; the keys hash its output (grids, tiles, token ids), so
+    prompts whose detail changed what the model sees never share cache entries."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     timings = Timings()
-    inputs = processor(messages, list(images))
+    inputs = processor(messages, list(images), image_detail)
     timings.preprocess_s = time.perf_counter() - timings.started
     check_fits(inputs, context_length)
     allowed = clip(inputs, max_new_tokens, context_length)
@@ -63,8 +66,8 @@ def check_fits(inputs: ProcessorOutput, context_length: int) -> None:
     uses.append(f"text: {prompt - sum(inputs.image_token_counts)} tokens")
     raise ContextOverflowError(
         f"the prompt is {prompt} tokens but the model's context holds {context_length} "
-        f"(prompt and answer together); {'; '.join(uses)}. Use fewer or smaller images "
-        f"(more than two images are each reduced to one tile) or a shorter text."
+        f"(prompt and answer together); {'; '.join(uses)}. Use fewer or smaller images, "
+        f"image_detail low (one tile per image, as with more than two images) or a shorter text."
     )
 
 

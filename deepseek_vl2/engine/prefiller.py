@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..model.model import tile_ranges
+from ..model.model import tile_ranges, tiles_per_image
 from .prefix_cache import PrefixCache
 from .request import Encoding, Prefill, Request
 from .runner import ModelRunner
@@ -58,8 +58,13 @@ class Prefiller:
         encode = [image for image in after_prefix if image not in spans]
         ranges = tile_ranges(crops)
         all_tiles = request.inputs.pixel_values[0]
-        tiles = torch.cat([all_tiles[ranges[image]] for image in encode] or [all_tiles[:0]])
-        return Encoding(encode, tiles, spans)
+        # A 1x1 grid's one local tile is its global view: the vision tower need not see it twice.
+        shared = frozenset(
+            image for image in encode
+            if crops[image] == [1, 1] and torch.equal(*all_tiles[ranges[image]])
+        )  # fmt: skip
+        parts = [all_tiles[ranges[image]][: 1 if image in shared else None] for image in encode]
+        return Encoding(encode, torch.cat(parts or [all_tiles[:0]]), spans, shared=shared)
 
     def encode_batch(self, request: Request, chunked: bool) -> None:
         """Encode the next batch of the request's tiles: `vision_chunk_tiles` when `chunked`, else all."""
@@ -77,7 +82,7 @@ class Prefiller:
         images' spans are offered to the prefix cache."""
         encoding, spans = request.encoding, dict(request.encoding.spans)
         if encoding.images:
-            encoded = self.runner.image_spans(request.inputs, encoding.images, torch.cat(encoding.features))
+            encoded = self.runner.image_spans(request.inputs, encoding.images, self._tile_features(request))
             for image, span in zip(encoding.images, encoded):
                 spans[image] = span
                 if self.prefix_cache is not None and request.keys is not None:
@@ -85,6 +90,23 @@ class Prefiller:
         ordered = [spans[image] for image in sorted(spans)]
         embeds = self.runner.prompt_embeds(request.inputs, request.prefilled, ordered)
         return Prefill(embeds, start=request.prefilled)
+
+    @staticmethod
+    def _tile_features(request: Request) -> torch.Tensor:
+        """The features of every tile of the encoded images, in order: a shared image's global
+        view stands for its local tile too."""
+        encoding = request.encoding
+        features = torch.cat(encoding.features)
+        if not encoding.shared:
+            return features
+        counts = tiles_per_image(request.inputs.images_spatial_crop[0].tolist())
+        parts, offset = [], 0
+        for image in encoding.images:
+            encoded = 1 if image in encoding.shared else counts[image]
+            part = features[offset : offset + encoded]
+            parts.append(part.expand(counts[image], *part.shape[1:]) if image in encoding.shared else part)
+            offset += encoded
+        return torch.cat(parts)
 
     def prefill_chunk(self, request: Request, chunked: bool) -> torch.Tensor | None:
         """Write the next chunk of the prompt into the request's row (`prefill_chunk_size` tokens

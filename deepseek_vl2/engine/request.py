@@ -51,9 +51,12 @@ class Encoding:
     tiles encoded so far, and every image span already at hand (from the prefix cache)."""
 
     images: list[int]  # image indices, in prompt order
-    tiles: torch.Tensor  # their tiles, concatenated
+    tiles: torch.Tensor  # their tiles, concatenated (a shared image's global view only)
     spans: dict[int, torch.Tensor]  # by image index
     features: list[torch.Tensor] = field(default_factory=list)  # one tensor per vision batch
+    # Images with a 1x1 grid whose local tile is their global view (tiling.py renders it so, and
+    # the official model encodes both): encoded once, the features standing for both tiles.
+    shared: frozenset[int] = frozenset()
 
     @property
     def encoded(self) -> int:

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from .conversation import Slot, Turn, count_image_tags, parse_conversation, prompt_pieces
-from .tiling import TilingConfig, choose_grids, image_token_count, normalize_tiles, render_tiles
+from .tiling import (
+    TilingConfig, check_image_detail, choose_grids, image_token_count, normalize_tiles, render_tiles,
+)  # fmt: skip
 from .tokenizer import IMAGE_TOKEN, Tokenizer
 
 
@@ -57,8 +59,14 @@ class Processor:
         return cls(Tokenizer.from_pretrained(path), TilingConfig.from_pretrained(path))
 
     def __call__(
-        self, messages: Sequence[Mapping[str, Any]], images: Sequence[Image.Image] = ()
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        images: Sequence[Image.Image] = (),
+        image_detail: str = "auto",
     ) -> ProcessorOutput:
+        """The model inputs; `image_detail` (tiling.IMAGE_DETAILS) "low" turns tiling off for
+        every image, as the official processor does for more than two."""
+        check_image_detail(image_detail)
         turns = parse_conversation(messages)
         tags = count_image_tags(turns)
         if tags != len(images):
@@ -66,7 +74,7 @@ class Processor:
                 f"the conversation has {tags} {IMAGE_TOKEN} tag(s) but {len(images)} image(s) were given; "
                 f"each image needs exactly one {IMAGE_TOKEN} tag in a user message"
             )
-        grids = choose_grids([image.size for image in images], self.tiling)
+        grids = choose_grids([image.size for image in images], self.tiling, image_detail)
         token_counts = [image_token_count(grid, self.tiling.tokens_per_side) for grid in grids]
         layout = self.layout_prompt(turns, token_counts)
 

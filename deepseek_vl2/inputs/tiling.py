@@ -25,6 +25,18 @@ from PIL import Image, ImageOps
 # beyond that every image gets a single local tile to bound the sequence length.
 MAX_IMAGES_FOR_CROPPING = 2
 
+# How much of each image the model sees. "auto": the official rule above. "low": every image as
+# the official processor sees it with tiling off (global view + one 1x1 local tile), whatever the
+# number of images: 421 tokens per image instead of up to ~1800.
+IMAGE_DETAILS = ("auto", "low")
+
+
+def check_image_detail(image_detail: str) -> str:
+    """`image_detail` itself when it is one of IMAGE_DETAILS; otherwise a ValueError that names it."""
+    if image_detail not in IMAGE_DETAILS:
+        raise ValueError(f"image_detail must be one of {', '.join(IMAGE_DETAILS)}; got {image_detail!r}")
+    return image_detail
+
 
 @dataclass(frozen=True)
 class TileGrid:
@@ -138,12 +150,17 @@ def select_resolution(image_size: tuple[int, int], candidates: Sequence[tuple[in
     return best
 
 
-def choose_grids(image_sizes: Sequence[tuple[int, int]], config: TilingConfig) -> list[TileGrid]:
-    """Local tile grid of every image of one conversation (the ≤ 2 images cropping rule included)."""
+def choose_grids(
+    image_sizes: Sequence[tuple[int, int]], config: TilingConfig, image_detail: str = "auto"
+) -> list[TileGrid]:
+    """Local tile grid of every image of one conversation. The official processor's `cropping`
+    switch: on only for "auto" detail and at most two images; off, every grid is 1×1."""
+    check_image_detail(image_detail)
     for width, height in image_sizes:
         if width <= 0 or height <= 0:
             raise ValueError(f"image has an empty size {width}×{height}")
-    if len(image_sizes) > MAX_IMAGES_FOR_CROPPING:
+    cropping = image_detail == "auto" and len(image_sizes) <= MAX_IMAGES_FOR_CROPPING
+    if not cropping:
         return [SINGLE_TILE] * len(image_sizes)
     tile = config.tile_size
     grids = []

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 import torch
-from parity import CHECKPOINTS, COMPILE_DECODE, DEVICE, case, conversation, model_cases
+from parity import CHECKPOINTS, COMPILE_DECODE, DEVICE, IMAGES, case, conversation, model_cases
 from PIL import Image
 
-from deepseek_vl2 import ContextOverflowError, DeepseekVL2, Engine, Processor
+from deepseek_vl2 import ContextOverflowError, DeepseekVL2, Engine, Processor, SamplingParams
+from deepseek_vl2.engine.admission import admit
+from deepseek_vl2.engine.prefiller import Prefiller
+from deepseek_vl2.engine.request import Stage
+from deepseek_vl2.engine.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +135,52 @@ def test_the_batch_follows_the_servers_concurrency_unless_set(monkeypatch):
     monkeypatch.setenv("DEEPSEEK_VL2_MAX_BATCH", "0")
     with pytest.raises(ValueError, match="DEEPSEEK_VL2_MAX_BATCH must be a positive integer"):
         batch()
+
+
+def test_an_unknown_image_detail_is_refused_before_anything_is_queued(engines):
+    engine = engines["tiny-mla"]
+    messages, images = conversation(case("tiny-mla/m_one"))
+    message = r"image_detail must be one of auto, low; got 'high'"
+    with pytest.raises(ValueError, match=message):
+        engine.generate(messages, images, max_new_tokens=4, image_detail="high")
+    with pytest.raises(ValueError, match=message):
+        next(engine.stream(messages, images, max_new_tokens=4, image_detail="high"))
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(engine.generate_async(messages, images, max_new_tokens=4, image_detail="high"))
+    with pytest.raises(ValueError, match=message):
+        engine.submit(messages, images, 4, SamplingParams(), lambda event: None, image_detail="high")
+    assert engine.scheduler.busy_rows == 0
+
+
+def test_low_image_detail_answers_from_the_shorter_prompt(engines):
+    engine = engines["tiny-mla"]
+    messages, images = conversation(case("tiny-mla/m_one"))
+    auto = engine.generate(messages, images, max_new_tokens=4, temperature=0)
+    low = engine.generate(messages, images, max_new_tokens=4, temperature=0, image_detail="low")
+    assert auto.prompt_tokens == case("tiny-mla/m_one")["seq_len"]
+    assert low.prompt_tokens == engine.processor(messages, images, "low").input_ids.shape[1]
+    assert low.prompt_tokens < auto.prompt_tokens and len(low.token_ids) == 4
+
+
+@torch.inference_mode()
+def test_a_one_tile_image_is_encoded_once_and_embeds_as_the_model_does():
+    """A 1x1 grid's local tile is its global view: the engine encodes it once, and the prompt's
+    embeddings are still those of the model's own path, which encodes both tiles."""
+    model = DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mla")
+    processor = Processor.from_pretrained(CHECKPOINTS / "tiny-mla")
+    prefiller = Prefiller(ModelRunner(model, max_batch=1), prefill_chunk_size=512, vision_chunk_tiles=2)
+    tiled, whole = Image.open(IMAGES / "vqa_1.jpg").convert("RGB"), Image.open(IMAGES / "tiny_20x10.png")
+    messages = [{"role": "user", "content": "<image>\n<image>\nCompare."}]
+    for detail, shared, tiles in (("auto", {1}, 9 + 1), ("low", {0, 1}, 1 + 1)):
+        request = admit(processor, 4096, messages, [tiled, whole], 4, SamplingParams(), lambda event: None,
+                        image_detail=detail)  # fmt: skip
+        request.enter(Stage.ENCODING, prefiller.plan(request))
+        assert request.encoding.shared == shared and request.encoding.tiles.shape[0] == tiles
+        while not request.encoding.done:
+            prefiller.encode_batch(request, chunked=True)
+        embeds = prefiller.embed_prompt(request).embeds
+        inputs = request.inputs
+        expected = model.embed(inputs.input_ids, inputs.pixel_values, inputs.images_seq_mask, inputs.images_spatial_crop)
+        # fp32 rounding only: the engine's vision batches are not the model's one batch (7e-7 apart
+        # on an AVX512 Xeon with or without the shared tiles).
+        torch.testing.assert_close(embeds, expected[0], rtol=0, atol=1e-5)

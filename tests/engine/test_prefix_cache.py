@@ -232,3 +232,27 @@ def test_the_engine_sizes_its_caches_within_the_cgroup_limit(monkeypatch, caplog
     assert "memory: cgroup limit 4.00 GiB, 3.00 GiB available" in caplog.text
     # 6 rows' worth left: the 3 rows half of it holds, then a quarter of the other half.
     assert build(Memory(host, limit=2**30, usage=2**30 - 6 * row)) == (3, 3 * row // 4)
+
+
+def test_low_and_auto_detail_never_share_entries_and_answer_as_alone(engines):
+    """The seed image at "auto" (4x2 tiles) and "low" (1x1), alternated with the prefix cache on:
+    each answer is its answer with no cache, and a request only ever hits its own detail's entries
+    (the global view is the same in both, so a key that hashed less than the grid and every tile
+    would mix them)."""
+    cached, plain = engines
+    image = seed_image().resize((2507, 1002))  # an image neither engine has seen: the cache is cold
+    messages = [{"role": "user", "content": f"<image>\n{QUESTIONS[0]}"}]
+    keys = {d: PromptKeys.of(cached.processor(messages, [image], d), "w") for d in ("auto", "low")}
+    assert not set(keys["auto"].images + keys["auto"].prefixes) & set(keys["low"].images + keys["low"].prefixes)
+    alone = {d: ask(plain, image, QUESTIONS[0], image_detail=d) for d in ("auto", "low")}
+    [(low_start, low_end)] = keys["low"].spans
+    assert low_end - low_start == 421 and alone["auto"].prompt_tokens > alone["low"].prompt_tokens
+    for turn, detail in enumerate(("auto", "low", "auto", "low")):
+        result = ask(cached, image, QUESTIONS[0], image_detail=detail)
+        assert result.token_ids == alone[detail].token_ids, (turn, detail)
+        assert result.prompt_tokens == alone[detail].prompt_tokens
+        if turn < 2:  # the other detail's entries are in the cache by now, and must not be used
+            assert result.cached_prompt_tokens == 0 and result.timings.vision_s > 0, (turn, detail)
+        else:  # its own prefix, up to the end of its own image span
+            [(_, image_end)] = keys[detail].spans
+            assert result.cached_prompt_tokens == image_end, (turn, detail)

@@ -128,3 +128,30 @@ def test_save_boxes_without_boxes_writes_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "holds no grounding boxes" in result.stderr
     assert not out.exists()
+
+
+class RecordingEngine(GroundingEngine):
+    """Records the options each answer was asked with."""
+
+    options: list[dict[str, Any]] = []
+
+    def stream(self, messages: Any, images: Any, **options: Any) -> Iterator[str]:
+        self.options.append(options)
+        yield "An answer."
+
+
+@pytest.mark.parametrize(("arguments", "detail"), [((), "auto"), (("--image-detail", "low"), "low")])
+def test_image_detail_reaches_the_engine(
+    arguments: tuple[str, ...], detail: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "Engine", RecordingEngine)
+    monkeypatch.setattr(RecordingEngine, "options", [])
+    code = cli.main(["--weights", str(CHECKPOINT), "--image", str(IMAGES / "tiny_20x10.png"), *arguments, "Hi"])
+    assert code == 0 and capsys.readouterr().out == "An answer.\n"
+    assert [options["image_detail"] for options in RecordingEngine.options] == [detail]
+
+
+def test_an_unknown_image_detail_is_refused() -> None:
+    result = run_cli("--image", str(IMAGES / "logo.png"), "--image-detail", "high", "Hi")
+    assert result.returncode == 2
+    assert "--image-detail: invalid choice: 'high'" in result.stderr and "'auto', 'low'" in result.stderr

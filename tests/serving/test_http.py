@@ -99,6 +99,7 @@ def test_optional_inputs_can_be_omitted(server: LocalCogServer) -> None:
         ),
         ({"image1": SMALL_IMAGE, "max_new_tokens": 2.5}, "max_new_tokens", "is not of type"),
         ({"image1": SMALL_IMAGE, "top_k": -1}, "top_k", "less than the minimum"),
+        ({"image1": SMALL_IMAGE, "image_detail": "high"}, "image_detail", '"high" is not one of'),
     ],
 )
 def test_invalid_inputs_get_422(

@@ -57,9 +57,9 @@ def test_inputs_in_order_with_defaults_and_bounds(schema: dict) -> None:
     properties = inputs["properties"]
     assert list(properties) == [
         "text", "image1", "image2", "image3", "max_new_tokens", "temperature", "top_p",
-        "repetition_penalty", "top_k", "seed",
+        "repetition_penalty", "top_k", "seed", "image_detail",
     ]  # fmt: skip
-    assert [p["x-order"] for p in properties.values()] == list(range(10))
+    assert [p["x-order"] for p in properties.values()] == list(range(11))
     assert inputs["required"] == ["image1"]
     assert properties["image1"]["format"] == "uri" and "nullable" not in properties["image1"]
     assert properties["image2"]["nullable"] is True
@@ -76,6 +76,9 @@ def test_inputs_in_order_with_defaults_and_bounds(schema: dict) -> None:
     assert properties["top_p"]["maximum"] == 1.0
     assert properties["seed"]["nullable"] is True and "default" not in properties["seed"]
     assert all(p.get("description") for p in properties.values())
+    detail = properties["image_detail"]
+    assert detail["type"] == "string" and detail["enum"] == ["auto", "low"] and detail["default"] == "auto"
+    assert "421 tokens" in detail["description"] and "first token" in detail["description"]
 
 
 def test_output_is_optional_image_and_text(schema: dict) -> None:
