@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..compute.execution import CHOICES, EXECUTION_ENV, MANY_ROWS, Execution, baseline_choices, parse_choices
+from ..compute.execution import (
+    CHOICES, EXECUTION_ENV, MANY_ROWS, Execution, baseline_choices, parse_choices, valid_choices,
+)  # fmt: skip
 from .execution_memory import Decision, cache_path, cpu_name, machine_key, remember, remembered
 from .settings import planned_max_batch
 
@@ -200,9 +202,10 @@ def calibrate(model: DeepseekVL2, rows: int, budget_s: float = BUDGET_S) -> Deci
             if time.perf_counter() - started > budget_s:
                 log.warning("execution calibration: out of its %.1f s budget; %s keeps %s", budget_s, name, choices[name])
                 continue
-            if name == "attention" and choices["many"] != "native":
-                # bf16 attention is the faster one only where bf16 products are (bf16 units), and
-                # beside fp32 products it leaves the official bf16 bounds (parse_choices).
+            if name == "attention" and choices | {"attention": "native"} not in valid_choices(model.dtype):
+                # bf16 attention is the faster one only where bf16 products are (bf16 units); beside
+                # fp32 products, or at the DEFAULT kernel level, it leaves the official bf16 bounds
+                # (compute/execution.py, valid_choices).
                 continue
             measured = measure()
             if not measured:

@@ -17,7 +17,8 @@ from parity import CHECKPOINTS
 
 from deepseek_vl2 import DeepseekVL2, Engine
 from deepseek_vl2.compute.execution import (
-    CHOICES, DEQUANTIZE_MIN_ROWS_CPU, EXECUTION_ENV, Execution, describe, parse_choices, valid_choices,
+    CHOICES, DEQUANTIZE_MIN_ROWS_CPU, EXECUTION_ENV, Execution, describe, native_attention_keeps_bounds,
+    parse_choices, valid_choices,
 )  # fmt: skip
 from deepseek_vl2.engine import calibration, execution_memory
 from deepseek_vl2.engine.calibration import MARGIN, calibrate, choose_execution
@@ -41,7 +42,18 @@ def fp32_model() -> DeepseekVL2:
     return DeepseekVL2.from_pretrained(CHECKPOINTS / "tiny-mha", dtype=torch.float32, execution="upcast")
 
 
-def test_presets_and_lists_name_every_choice():
+@pytest.fixture
+def native_attention(monkeypatch) -> None:
+    """Native bf16 attention is a choice here, as on every AVX2 or AVX512 CPU: the tests that
+    count on it are about other things, and must not change with the level they run at (the
+    DEFAULT level's own rule has its test)."""
+    level = torch.backends.cpu.get_cpu_capability()
+    if level == "DEFAULT":
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+
+
+def test_presets_and_lists_name_every_choice(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # native attention allowed
     assert parse_choices("auto", torch.bfloat16) is None and parse_choices("", torch.bfloat16) is None
     assert parse_choices("upcast", torch.bfloat16) == {"many": "upcast", "few": "plain", "attention": "fp32"}
     assert parse_choices("native", torch.bfloat16) == {"many": "native", "few": "plain", "attention": "native"}
@@ -56,7 +68,10 @@ def test_presets_and_lists_name_every_choice():
 
 
 def test_every_valid_choice_maps_to_its_execution():
-    assert len(valid_choices()) == 6  # 2 x 2 x 2, less upcast products with native attention
+    # 2 x 2 x 2, less upcast products with native attention, and less native attention at the
+    # DEFAULT kernel level, where torch's bf16 attention leaves the official bounds.
+    assert len(valid_choices()) == (6 if native_attention_keeps_bounds() else 4)
+    assert len(valid_choices(torch.float32)) == 6
     for choices in valid_choices():
         e = Execution.from_choices(choices)
         assert (e.upcast_min_rows > 0) == (choices["many"] == "upcast")
@@ -65,7 +80,7 @@ def test_every_valid_choice_maps_to_its_execution():
         assert parse_choices(describe(choices), torch.bfloat16) == choices
 
 
-def test_a_forced_choice_is_applied_to_every_module(bf16_model):
+def test_a_forced_choice_is_applied_to_every_module(bf16_model, native_attention):
     decision = choose_execution(bf16_model, "native")
     assert decision.source == "forced" and decision.choices["many"] == "native"
     experts = bf16_model.language.model.layers[-1].mlp.experts
@@ -128,13 +143,33 @@ def test_attention_is_not_measured_beside_upcast_products(bf16_model, monkeypatc
     assert "attention" not in decision.timings_ms
 
 
+def test_native_bf16_attention_is_no_choice_at_the_default_kernel_level(bf16_model, monkeypatch):
+    # torch's bf16 attention at DEFAULT leaves the official bf16 bounds (test_bf16 under make
+    # test's level reruns): never forced, listed or calibrated there; fp32 attention of fp32
+    # weights is unaffected.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert all(c["attention"] == "fp32" for c in valid_choices(torch.bfloat16))
+    assert {"many": "native", "few": "transposed", "attention": "native"} in valid_choices(torch.float32)
+    for forced in ("native", "many=native,attention=native"):
+        with pytest.raises(ValueError, match="not available at CPU kernel level DEFAULT"):
+            parse_choices(forced, torch.bfloat16)
+    fake_timings(monkeypatch, {
+        "many": {"upcast": 80.0, "native": 10.0},
+        "few": {"plain": 10.0, "transposed": 10.0},
+        "attention": {"fp32": 50.0, "native": 1.0},
+    })  # fmt: skip
+    decision = calibrate(bf16_model, rows=4)
+    assert decision.choices == {"many": "native", "few": "plain", "attention": "fp32"}
+    assert "attention" not in decision.timings_ms
+
+
 def test_out_of_budget_choices_keep_their_baseline(bf16_model):
     decision = calibrate(bf16_model, rows=4, budget_s=0)
     assert decision.choices == {name: options[0] for name, options in CHOICES.items()}
     assert decision.timings_ms == {}
 
 
-def test_a_calibrated_choice_is_remembered_across_restarts(bf16_model, monkeypatch, tmp_path, caplog):
+def test_a_calibrated_choice_is_remembered_across_restarts(bf16_model, monkeypatch, tmp_path, caplog, native_attention):
     store = tmp_path / "execution.json"
     monkeypatch.setenv(execution_memory.CACHE_ENV, str(store))
     monkeypatch.delenv(EXECUTION_ENV, raising=False)
@@ -216,7 +251,7 @@ def test_a_quantized_model_measures_only_its_dense_products():
     assert set(decision.timings_ms["dequantize"]) >= {"kernel 32", "dequantized 32"}
 
 
-def test_quantized_products_dequantize_from_the_measured_crossing_which_is_remembered(monkeypatch, tmp_path):
+def test_quantized_products_dequantize_from_the_measured_crossing_which_is_remembered(monkeypatch, tmp_path, native_attention):
     from deepseek_vl2.compute.quantized import QuantizeSpec
 
     model = DeepseekVL2.from_pretrained(
@@ -284,7 +319,8 @@ def test_a_record_of_another_scheme_is_measured_again(bf16_model, monkeypatch, t
     record = json.loads(store.read_text())[key]
     # The record says which scheme and kernel level it was measured under.
     assert record["scheme"] == execution_memory.SCHEME_VERSION
-    assert record["level"] == torch.backends.cpu.get_cpu_capability()
+    assert record["level"] == execution_memory.kernel_level()
+    assert record["level"].split()[0] == torch.backends.cpu.get_cpu_capability()
     assert choose_execution(bf16_model, "auto", rows=4).source == "remembered"
     # The same record, but written by another scheme (or one before schemes): not trusted.
     stale = {"choices": {"many": "native", "few": "transposed", "attention": "native"}, "timings_ms": {}}
@@ -320,7 +356,7 @@ def spy_rows(monkeypatch) -> dict[str, list[int]]:
     return seen
 
 
-def test_calibration_measures_at_the_batch_the_engine_runs(bf16_model, monkeypatch):
+def test_calibration_measures_at_the_batch_the_engine_runs(bf16_model, monkeypatch, native_attention):
     monkeypatch.setenv(execution_memory.CACHE_ENV, "")
     monkeypatch.delenv(MAX_BATCH_ENV, raising=False)
     monkeypatch.setenv(CONCURRENCY_ENV, "16")  # cog.yaml's concurrency: the engine runs 16 rows
