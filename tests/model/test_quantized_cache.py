@@ -34,7 +34,7 @@ from deepseek_vl2.engine.settings import QUANTIZED_CACHE_ENV, default_quantized_
 from deepseek_vl2.model import quantized_cache
 from deepseek_vl2.model.checkpoint import checkpoint_identity
 from deepseek_vl2.model.config import DeepseekVL2Config
-from deepseek_vl2.model.quantized_cache import cache_file, canonical_int4, fill_with_cache
+from deepseek_vl2.model.quantized_cache import cache_file, cache_key, canonical_int4, fill_with_cache
 from deepseek_vl2.model.quantized_modules import quantize_model
 from deepseek_vl2.model.random_weights import random_weights_identity, randomize_
 
@@ -95,8 +95,17 @@ def test_a_hit_gives_the_freshly_quantized_weights_and_skips_quantizing(tmp_path
     assert hit.weights_id == fresh.weights_id
 
 
-def test_the_key_separates_modes_groups_and_dtypes(tmp_path):
+def test_the_key_separates_weights_modes_groups_dtypes_and_formats(tmp_path, monkeypatch):
     identity = checkpoint_identity(CHECKPOINT)
+    keys = {
+        cache_key(weights, spec, dtype)
+        for weights in (identity, "other")
+        for spec in ("int8", "int4-g128", "int4-g64")
+        for dtype in (torch.bfloat16, torch.float32)
+    }
+    assert len(keys) == 12
+    monkeypatch.setattr(quantized_cache, "FORMAT_VERSION", quantized_cache.FORMAT_VERSION + 1)
+    assert cache_key(identity, "int8", torch.bfloat16) not in keys
     names = {
         cache_file(tmp_path, identity, spec, dtype).name
         for spec in ("int8", "int4-g128", "int4-g64")
