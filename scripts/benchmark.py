@@ -17,12 +17,16 @@ the official processor does with more than two images; auto (the default) tiles 
 
 With --quantize int8|int4: the language model's linear weights quantized (deepseek_vl2/compute/quantized.py),
 built directly in quantized form one tensor at a time, so a variant too large for memory in bf16
-still runs; one mode per run, to be compared with a run of another mode.
+still runs; one mode per run, to be compared with a run of another mode. The quantized weights
+are kept in the quantized cache (--quantized-cache DIR, or DEEPSEEK_VL2_QUANTIZED_CACHE, default
+~/.cache/deepseek_vl2/quantized; '' for none): a second run with the same variant, mode and dtype
+reads them instead of quantizing. The JSON gains "load_s" (seconds until the weights were ready)
+and "quantize_cache" ("hit", "miss" or "off").
 
 Usage: python scripts/benchmark.py [--variant tiny|small|base] [--device cpu|cuda]
        [--dtype float32|bfloat16] [--concurrency 1,2,4,8] [--text-only] [--new-tokens 64]
        [--json PATH] [--repeat-image] [--execution auto|upcast|native|many=...,few=...,attention=...]
-       [--quantize none|int8|int4] [--image-detail auto|low]
+       [--quantize none|int8|int4] [--quantized-cache DIR] [--image-detail auto|low]
 
 --execution says how the CPU runs its products (deepseek_vl2/execution.py): `auto` (the default)
 calibrates on this machine, any other value forces that choice. The JSON report gains "execution"
@@ -56,10 +60,11 @@ from deepseek_vl2 import DeepseekVL2, DeepseekVL2Config, Engine, GenerationResul
 from deepseek_vl2.compute.quantized import MODES, QuantizeSpec  # noqa: E402
 from deepseek_vl2.engine.calibration import choose_execution  # noqa: E402
 from deepseek_vl2.engine.runner import cache_bytes_per_row  # noqa: E402
-from deepseek_vl2.engine.settings import DTYPES, default_device, default_dtype  # noqa: E402
+from deepseek_vl2.engine.settings import DTYPES, default_device, default_dtype, default_quantized_cache  # noqa: E402
 from deepseek_vl2.inputs.tiling import IMAGE_DETAILS  # noqa: E402
+from deepseek_vl2.model.quantized_cache import fill_with_cache  # noqa: E402
 from deepseek_vl2.model.quantized_modules import quantize_model, quantized_bytes  # noqa: E402
-from deepseek_vl2.model.random_weights import randomize_  # noqa: E402
+from deepseek_vl2.model.random_weights import random_weights_identity, randomize_  # noqa: E402
 
 MANIFESTS = ROOT / "tests" / "fixtures" / "manifests"
 TOKENIZER = ROOT / "deepseek_vl2" / "assets" / "tokenizer"
@@ -82,15 +87,20 @@ def config_for(variant: str, processor: Processor) -> DeepseekVL2Config:
 
 
 def random_model(
-    config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype, quantize: QuantizeSpec | None = None
-) -> DeepseekVL2:
+    config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype, quantize: QuantizeSpec | None = None,
+    quantized_cache: Path | None = None,
+) -> DeepseekVL2:  # fmt: skip
     """Random weights built directly on the device: no checkpoint on disk. Quantized weights are
-    drawn one matrix at a time and stored quantized."""
+    drawn one matrix at a time and stored quantized, or read from `quantized_cache` (a folder) when
+    an earlier run left them there (`model.quantized_cache` says which: hit, miss or off)."""
     with torch.device("meta"):
         model = DeepseekVL2(config)
     quantize_model(model, quantize or QuantizeSpec())
     model.materialize(device, dtype)
-    randomize_(model, config, seed=0)
+    weights_id = random_weights_identity(config, 0, device)
+    model.quantized_cache = fill_with_cache(
+        model, weights_id, quantized_cache, lambda skip: randomize_(model, config, seed=0, skip_quantized=skip)
+    )
     return model.eval()
 
 
@@ -272,7 +282,16 @@ def main() -> None:
     parser.add_argument("--execution", default="auto", help="auto (calibrate), upcast, native, or many=...,few=...,attention=...")
     parser.add_argument("--quantize", choices=MODES, default="none", help="the language model's linear weights (default none)")
     parser.add_argument("--image-detail", choices=IMAGE_DETAILS, default="auto", help="auto (4x2 tiles for the seed image) or low (one tile)")
+    parser.add_argument(
+        "--quantized-cache", default=None, metavar="DIR",
+        help="folder of quantized weights kept between runs ('' for none; default: $DEEPSEEK_VL2_QUANTIZED_CACHE, "
+        "else ~/.cache/deepseek_vl2/quantized)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.quantized_cache is None:
+        quantized_cache = default_quantized_cache()
+    else:
+        quantized_cache = Path(args.quantized_cache).expanduser() if args.quantized_cache.strip() else None
     logging.basicConfig(level=logging.WARNING)
 
     device = torch.device(args.device) if args.device else default_device()
@@ -291,7 +310,7 @@ def main() -> None:
 
     def build() -> DeepseekVL2:  # on the engine's thread, like Engine.from_pretrained
         started = time.perf_counter()
-        model = random_model(config, device, dtype, quantize)
+        model = random_model(config, device, dtype, quantize, quantized_cache)
         built["seconds"] = time.perf_counter() - started
         built["decision"] = choose_execution(model, args.execution, rows=max(levels))
         return model
@@ -304,7 +323,7 @@ def main() -> None:
         compile_decode=compile_decode, prefix_cache_bytes=None if args.repeat_image else 0,
     )  # fmt: skip
     model, decision = engine.model, built["decision"]
-    print(f"  weights ready in {built['seconds']:.1f} s")
+    print(f"  weights ready in {built['seconds']:.1f} s (quantized cache: {model.quantized_cache})")
     if quantize.mode != "none":
         before, after = quantized_bytes(model)
         print(f"  quantized linear weights: {before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
@@ -362,6 +381,8 @@ def main() -> None:
             "prompt": prompt,
             "image_detail": args.image_detail,
             "peak_rss_gib": peak_rss_gib(),
+            "load_s": built["seconds"],
+            "quantize_cache": model.quantized_cache,
             "peak_cuda_gib": peak_cuda,
             "levels": records,
             "execution": decision.as_json() | {"spec": decision.spec},

@@ -11,3 +11,5 @@ os.environ.setdefault("DEEPSEEK_VL2_DTYPE", "float32")
 # remembered in the home directory.
 os.environ.setdefault("DEEPSEEK_VL2_EXECUTION", "upcast")
 os.environ.setdefault("DEEPSEEK_VL2_EXECUTION_CACHE", "")
+# Nor are quantized weights kept between runs, unless a test asks for a cache folder.
+os.environ.setdefault("DEEPSEEK_VL2_QUANTIZED_CACHE", "")

@@ -39,7 +39,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .settings import (
     CONCURRENCY_ENV, MAX_BATCH_ENV, PREFILL_CHUNK_ENV, PREFIX_CACHE_ENV, default_device, default_dtype,
-    default_quantize, env_gib, env_int, planned_max_batch,
+    default_quantize, default_quantized_cache, env_gib, env_int, planned_max_batch,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -193,16 +193,19 @@ class Engine:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype()
         quantize = quantize or default_quantize()
+        quantized_cache = default_quantized_cache()
         processor = Processor.from_pretrained(path)
 
         def load() -> DeepseekVL2:
             started = time.perf_counter()
-            model = DeepseekVL2.from_pretrained(path, device=device, dtype=dtype, quantize=quantize)
+            model = DeepseekVL2.from_pretrained(
+                path, device=device, dtype=dtype, quantize=quantize, quantized_cache=quantized_cache
+            )
             # On the CPU, calibration measures at the batch the engine will run (planned_max_batch).
             choose_execution(model, rows=kwargs.get("max_batch"))
             log.info(
-                "model ready on %s in %s (quantization: %s) after %.1f s", device,
-                str(dtype).removeprefix("torch."), quantize.name, time.perf_counter() - started,
+                "model ready on %s in %s (quantization: %s, quantized cache: %s) after %.1f s", device,
+                str(dtype).removeprefix("torch."), quantize.name, model.quantized_cache, time.perf_counter() - started,
             )  # fmt: skip
             return model
 

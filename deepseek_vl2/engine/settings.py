@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,8 @@ DTYPE_ENV = "DEEPSEEK_VL2_DTYPE"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANTIZE_ENV = "DEEPSEEK_VL2_QUANTIZE"
 QUANTIZE_GROUP_ENV = "DEEPSEEK_VL2_QUANTIZE_GROUP"
+QUANTIZED_CACHE_ENV = "DEEPSEEK_VL2_QUANTIZED_CACHE"
+QUANTIZED_CACHE_UNDER_HOME = Path(".cache") / "deepseek_vl2" / "quantized"
 
 
 def default_device() -> torch.device:
@@ -47,6 +50,19 @@ def default_quantize(environ: Mapping[str, str] = os.environ) -> QuantizeSpec:
         return QuantizeSpec(mode, group)
     except ValueError as error:
         raise ValueError(f"{QUANTIZE_GROUP_ENV}: {error}") from None
+
+
+def default_quantized_cache(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The folder of quantized weights kept between starts (model/quantized_cache.py):
+    DEEPSEEK_VL2_QUANTIZED_CACHE, None (no cache) when it is set empty; unset, ~/.cache/deepseek_vl2/
+    quantized under HOME as it is now, or None when there is no absolute home."""
+    value = environ.get(QUANTIZED_CACHE_ENV)
+    if value is not None:
+        return Path(value).expanduser() if value.strip() else None
+    home = environ.get("HOME", "")
+    if not home or not os.path.isabs(home):
+        return None
+    return Path(home) / QUANTIZED_CACHE_UNDER_HOME
 
 
 def env_int(name: str, environ: Mapping[str, str] = os.environ) -> int | None:

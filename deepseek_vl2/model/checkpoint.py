@@ -254,12 +254,15 @@ def checkpoint_identity(path: str | Path) -> str:
 
 
 def load_checkpoint(
-    model: torch.nn.Module, path: str | Path, config: DeepseekVL2Config
+    model: torch.nn.Module, path: str | Path, config: DeepseekVL2Config, skip_quantized: bool = False
 ) -> None:
     """Fill every parameter of `model` (already materialised on its device and dtype) from disk.
 
     One tensor at a time: each is read (memory-mapped), cast and copied into its slot, so peak
     host memory stays at one tensor rather than a second copy of the model.
+
+    `skip_quantized`: the quantized weights were filled from the quantized cache
+    (quantized_cache.py); their tensors are checked (present, with their shapes) but not read.
     """
     path = Path(path)
     started = time.perf_counter()
@@ -301,6 +304,10 @@ def load_checkpoint(
                     n_skipped += 1
                     continue
                 target = internal_target(name, config.language)
+                if target.param in quantizer and skip_quantized:
+                    _check_fits(name, shape, quantizer.region_shape(target.param, target.index))
+                    n_skipped += 1
+                    continue
                 if target.param in quantizer:
                     # Staged in the model dtype a block of rows at a time, then quantized.
                     region = quantizer.region_shape(target.param, target.index)
@@ -316,12 +323,14 @@ def load_checkpoint(
                 n_loaded += 1
         log.info("loaded shard %d/%d: %s", i + 1, len(by_file), file.name)
 
-    unfilled = [n for n, p in params.items() if filled[n] != p.numel()] + quantizer.incomplete()
+    unfilled = [n for n, p in params.items() if filled[n] != p.numel()]
+    unfilled += [] if skip_quantized else quantizer.incomplete()
     if unfilled:
         raise CheckpointError(f"parameter {unfilled[0]!r} was not (fully) filled from {path}")
     log.info(
-        "loaded %d tensors (%d skipped: attention-pool head) from %s in %.1f s",
-        n_loaded, n_skipped, path, time.perf_counter() - started,
+        "loaded %d tensors (%d skipped: attention-pool head%s) from %s in %.1f s",
+        n_loaded, n_skipped, ", quantized weights from the cache" if skip_quantized else "", path,
+        time.perf_counter() - started,
     )  # fmt: skip
-    if quantizer.weights:
+    if quantizer.weights and not skip_quantized:
         log.info("quantized the language model's linear weights: %s", quantizer.summary())

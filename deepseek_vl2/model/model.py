@@ -17,6 +17,7 @@ from .config import DeepseekVL2Config
 from .language import LanguageModel
 from .moe import Gate
 from .projector import Projector
+from .quantized_cache import fill_with_cache
 from .quantized_modules import QuantizedModule, quantize_model
 from .vision import VisionTower
 
@@ -39,6 +40,8 @@ class DeepseekVL2(nn.Module):
         # (set_execution; the engine's calibration chooses one for the machine).
         self.execution = Execution()
         self.quantization = QuantizeSpec()  # set by quantize_model
+        # Where the quantized weights came from: "hit", "miss" or "off" (quantized_cache.py).
+        self.quantized_cache = "off"
 
     @property
     def device(self) -> torch.device:
@@ -57,6 +60,7 @@ class DeepseekVL2(nn.Module):
         config: DeepseekVL2Config | None = None,
         execution: Execution | str | None = None,
         quantize: QuantizeSpec | None = None,
+        quantized_cache: str | Path | None = None,
     ) -> DeepseekVL2:
         """Build on the meta device, allocate straight on `device` in `dtype` and fill from disk.
 
@@ -65,7 +69,9 @@ class DeepseekVL2(nn.Module):
         for the machine by measuring is the engine's (engine/calibration.py, `choose_execution`).
 
         With `quantize` (compute/quantized.py), the language model's linear weights are allocated
-        only in their quantized form and quantized tensor by tensor as they are read.
+        only in their quantized form and quantized tensor by tensor as they are read; with
+        `quantized_cache` (a folder), they are read from there when an earlier load left them, and
+        left there otherwise (quantized_cache.py).
         """
         config = config or DeepseekVL2Config.from_pretrained(path)
         quantize = quantize or QuantizeSpec()
@@ -73,8 +79,11 @@ class DeepseekVL2(nn.Module):
             model = cls(config)
         quantize_model(model, quantize)
         model.materialize(torch.device(device), dtype)
-        load_checkpoint(model, path, config)
         model.weights_id = checkpoint_identity(path)
+        directory = Path(quantized_cache) if quantized_cache is not None else None
+        model.quantized_cache = fill_with_cache(
+            model, model.weights_id, directory, lambda skip: load_checkpoint(model, path, config, skip)
+        )
         if execution is not None:
             model.set_execution(model.forced_execution(execution))
         return model.eval()
