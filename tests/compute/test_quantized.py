@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_levels import level_settings, native_level, supported_levels
 from parity import CHECKPOINTS, DEVICE, conversation, model_cases, model_inputs
 
 from deepseek_vl2 import DeepseekVL2, Engine, Processor
@@ -174,37 +175,28 @@ for shape, group in (((2, 130, 256), 128), ((192, 96), 32)):
             wrong.append(shape)
 print(torch.backends.cpu.get_cpu_capability(), "wrong: %s" % wrong if wrong else "ok")
 """
-LEVELS = ("default", "avx2", "avx512")
-
-
 def test_every_kernel_level_of_this_cpu_dequantizes_as_its_kernel():
     """A layout that is right for one level only passes a run under that level: this checks every
-    level this CPU has (default and avx2 on any x86-64 with AVX2, avx512 where the CPU has it), each
-    in a subprocess, whatever level this run was given."""
+    level this CPU has (tests/kernel_levels.py: default and avx2 on any x86-64 with AVX2, avx512
+    where the CPU has it), each in a subprocess, whatever level this run was given."""
     root = Path(__file__).resolve().parents[2]
+    native = native_level()
+    levels = supported_levels(native)
     # One thread each: the check is small, and the processes run side by side.
     base = {name: value for name, value in os.environ.items() if name != "ATEN_CPU_CAPABILITY"}
     base["OMP_NUM_THREADS"] = "1"
-    # The native level is this process's, unless this run was given one: then a subprocess says.
-    native = None if "ATEN_CPU_CAPABILITY" in os.environ else torch.backends.cpu.get_cpu_capability()
     runs = {
         level: subprocess.Popen(
-            [sys.executable, "-c", LEVEL_CHECK],
-            env=base | ({"ATEN_CPU_CAPABILITY": level} if level else {}),
+            [sys.executable, "-c", LEVEL_CHECK], env=base | level_settings(level, native),
             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        for level in (*LEVELS, *([None] if native is None else []))
+        for level in levels
     }
     outputs = {level: run.communicate(timeout=300)[0].strip() for level, run in runs.items()}
-    reports = {level: output.splitlines()[-1] if output else "" for level, output in outputs.items()}
     for level, run in runs.items():
-        assert run.returncode == 0 and reports[level].endswith(" ok"), (level, outputs[level])
-    native = (native or reports[None].split()[0]).lower()
-    # The levels below the native one are available too (torch falls back to the native level
-    # when asked for a higher one, which is then checked twice).
-    available = LEVELS[: LEVELS.index(native) + 1] if native in LEVELS else ("default",)
-    for level in available:
-        assert reports[level].split()[0].lower() == level, (level, reports[level])
+        report = outputs[level].splitlines()[-1] if outputs[level] else ""
+        assert run.returncode == 0 and report.endswith(" ok"), (level, outputs[level])
+        assert report.split()[0].lower() == level, (level, report)  # the level really ran
 
 
 def swapped_block_pair(q: torch.Tensor) -> torch.Tensor:
