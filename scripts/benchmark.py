@@ -3,11 +3,20 @@
 
 Prompts: the seed request (tests/fixtures/images/vqa_1.jpg, 5014x2004, tiled 4x2, "Describe each
 stage of this image in detail") or, with --text-only, a short text question. Each concurrency level
-sends that many identical requests at once and reports time to first token, inter-token latency
-and the aggregate decode rate; the first level also gets a per-stage breakdown and a comparison of
-decode with its memory-bandwidth floor (bytes one decode step reads, divided by the bandwidth
-measured in the same run). The weights are random, so the text is noise; EOS is ignored so that
-every request decodes the full length.
+sends that many identical requests at once (with --distinct and --text-only, each its own prompt)
+and reports time to first token, inter-token latency and the aggregate decode rate; the first level
+also gets a per-stage breakdown and a comparison of decode with its memory-bandwidth floor (bytes
+one decode step reads, divided by the bandwidth measured in the same run, and that floor's fraction
+of the decode time). The weights are random, so the text is noise; EOS is ignored so that every
+request decodes the full length.
+
+When the first level is 1, every other level's aggregate decode is compared with the expert-union
+bound: the rate at which its steps would go if each read every weight once, as one row's step does
+(the first level's rate, times the rows, times one row's step bytes over the batch's). Two unions of
+routed experts: `uniform`, what rows routed independently would read (64 (1 - (58/64)^rows) for
+tiny; README "Concurrent requests"), and `observed`, the distinct experts the routers actually chose
+in the level's full-batch steps (identical requests, admitted one after another, are at different
+tokens of the same answer in any one step, so they too route differently).
 
 With --repeat-image: two different questions about the seed image, one after the other; the
 second reuses the first's image prefix from the prefix cache.
@@ -26,12 +35,13 @@ and "quantize_cache" ("hit", "miss" or "off").
 Usage: python scripts/benchmark.py [--variant tiny|small|base] [--device cpu|cuda]
        [--dtype float32|bfloat16] [--concurrency 1,2,4,8] [--text-only] [--new-tokens 64]
        [--json PATH] [--repeat-image] [--execution auto|upcast|native|many=...,few=...,attention=...]
-       [--quantize none|int8|int4] [--quantized-cache DIR] [--image-detail auto|low]
+       [--quantize none|int8|int4] [--quantized-cache DIR] [--image-detail auto|low] [--distinct]
 
 --execution says how the CPU runs its products (deepseek_vl2/execution.py): `auto` (the default)
 calibrates on this machine, any other value forces that choice. The JSON report gains "execution"
-(the resolved choice and the timings behind it) and "stages" (vision, prefill and time to first
-token of the first level's first request).
+(the resolved choice and the timings behind it), "stages" (vision, prefill and time to first
+token of the first level's first request), "decode_floor" (the read and matrix-vector floors as
+fractions of that request's decode time) and, per level, the union bounds and their fractions.
 """
 
 from __future__ import annotations
@@ -62,6 +72,7 @@ from deepseek_vl2.engine.calibration import choose_execution  # noqa: E402
 from deepseek_vl2.engine.runner import cache_bytes_per_row  # noqa: E402
 from deepseek_vl2.engine.settings import DTYPES, default_device, default_dtype, default_quantized_cache  # noqa: E402
 from deepseek_vl2.inputs.tiling import IMAGE_DETAILS  # noqa: E402
+from deepseek_vl2.model.moe import Gate  # noqa: E402
 from deepseek_vl2.model.quantized_cache import fill_with_cache  # noqa: E402
 from deepseek_vl2.model.quantized_modules import quantize_model, quantized_bytes  # noqa: E402
 from deepseek_vl2.model.random_weights import random_weights_identity, randomize_  # noqa: E402
@@ -152,12 +163,15 @@ def bytes_per_weight(quantize: QuantizeSpec, dtype: torch.dtype, in_features: in
 
 
 def decode_bytes_per_token(
-    config: DeepseekVL2Config, dtype: torch.dtype, context: int, quantize: QuantizeSpec | None = None
-) -> int:
-    """Weights one batch-1 decode step reads: all attention and dense weights, the router, only
-    the selected (and shared) experts, the output head; plus the KV cache up to `context`. With
+    config: DeepseekVL2Config, dtype: torch.dtype, context: int, quantize: QuantizeSpec | None = None,
+    rows: int = 1, routed_experts: float | None = None,
+) -> int:  # fmt: skip
+    """Bytes one decode step of `rows` rows reads: all attention and dense weights, the router, the
+    shared experts and `routed_experts` distinct routed experts a MoE layer (default: one row's
+    top-k), the output head, each once; plus each row's KV cache up to `context`. With
     quantization, the linear weights at their quantized size (MLA's kv_b stays in `dtype`)."""
     c = config.language
+    routed = c.num_experts_per_tok if routed_experts is None else routed_experts
     element = torch.finfo(dtype).bits // 8
     per_weight = bytes_per_weight(quantize or QuantizeSpec(), dtype, c.hidden_size)
     d = c.hidden_size
@@ -174,15 +188,59 @@ def decode_bytes_per_token(
     for i in range(c.num_hidden_layers):
         params += attention - kept
         if c.is_moe_layer(i):
-            params += 3 * d * c.moe_intermediate_size * c.num_experts_per_tok
+            params += 3 * d * c.moe_intermediate_size * routed
             params += 3 * d * (c.shared_expert_width or 0)
             router += c.n_routed_experts * d * 4  # fp32
         else:
             params += 3 * d * c.intermediate_size
     params += c.vocab_size * d  # lm_head
     kept_bytes = kept * c.num_hidden_layers * element
-    return int(params * per_weight + kept_bytes + router + c.cache_values_per_token * context * element)
+    return int(params * per_weight + kept_bytes + router + rows * c.cache_values_per_token * context * element)
 
+
+def expected_union(config: DeepseekVL2Config, rows: int) -> float:
+    """Distinct routed experts a MoE layer reads for `rows` tokens routed independently and
+    uniformly: E (1 - (1 - k/E)^rows); tiny, 4 rows: about 21 of 64."""
+    c = config.language
+    if not c.n_routed_experts:
+        return 0.0
+    return c.n_routed_experts * (1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** rows)
+
+
+def union_bound(
+    config: DeepseekVL2Config, dtype: torch.dtype, context: int, quantize: QuantizeSpec | None,
+    single_rate: float, rows: int, routed_experts: float,
+) -> float:  # fmt: skip
+    """The aggregate decode rate of `rows` rows that read each weight of the step once: one row's
+    measured rate scaled by rows, and by the step's bytes against one row's (the expert union)."""
+    one = decode_bytes_per_token(config, dtype, context, quantize)
+    many = decode_bytes_per_token(config, dtype, context, quantize, rows, routed_experts)
+    return single_rate * rows * one / many
+
+
+class RoutingCounter:
+    """Counts the distinct routed experts each MoE layer chose in decode steps of a given batch
+    (hooks on the routers): the union the step actually read."""
+
+    def __init__(self, model: DeepseekVL2) -> None:
+        self.rows = 0
+        self.counts: list[int] = []
+        gates = [m for m in model.modules() if isinstance(m, Gate)]
+        self.handles = [gate.register_forward_hook(self._seen) for gate in gates]
+
+    def _seen(self, _gate, inputs, output) -> None:
+        if inputs[0].shape[0] == self.rows:
+            self.counts.append(int(output[1].unique().numel()))
+
+    def start(self, rows: int) -> None:
+        self.rows, self.counts = rows, []
+
+    def mean(self) -> float | None:
+        return sum(self.counts) / len(self.counts) if self.counts else None
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -192,20 +250,28 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def request(text_only: bool, question: str = SEED_PROMPT) -> tuple[list[dict[str, str]], list[Image.Image]]:
+def request(
+    text_only: bool, question: str = SEED_PROMPT, index: int | None = None
+) -> tuple[list[dict[str, str]], list[Image.Image]]:
+    """The benchmark's prompt; with `index`, text-only prompts differ per request (their tokens,
+    and so their experts, differ too)."""
     if text_only:
-        return [{"role": "user", "content": TEXT_PROMPT}], []
+        text = TEXT_PROMPT if index is None else f"{TEXT_PROMPT} Make it story number {index + 1}."
+        return [{"role": "user", "content": text}], []
     return [{"role": "user", "content": f"<image>\n{question}"}], [Image.open(SEED_IMAGE).convert("RGB")]
 
 
 def run_level(
-    engine: Engine, concurrency: int, text_only: bool, new_tokens: int, image_detail: str = "auto"
-) -> tuple[dict[str, Any], list[GenerationResult]]:
-    """`concurrency` identical requests at once; the JSON level record and the results."""
-    messages, images = request(text_only)
-    generate = lambda _: engine.generate(  # noqa: E731
-        messages, images, max_new_tokens=new_tokens, temperature=0, image_detail=image_detail
-    )
+    engine: Engine, concurrency: int, text_only: bool, new_tokens: int, image_detail: str = "auto",
+    distinct: bool = False,
+) -> tuple[dict[str, Any], list[GenerationResult]]:  # fmt: skip
+    """`concurrency` requests at once, identical or (`distinct`, text-only) each its own prompt;
+    the JSON level record and the results."""
+
+    def generate(index: int) -> GenerationResult:
+        messages, images = request(text_only, index=index if distinct else None)
+        return engine.generate(messages, images, max_new_tokens=new_tokens, temperature=0, image_detail=image_detail)
+
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(generate, range(concurrency)))
     first = [r.timings.started + r.timings.first_token_s for r in results]
@@ -224,10 +290,17 @@ def run_level(
     return level, results
 
 
+def mean_context(result: GenerationResult) -> int:
+    """The KV cache a decode step reads on average: the prompt plus half the answer."""
+    return result.prompt_tokens + len(result.token_ids) // 2
+
+
 def print_stages(
     result: GenerationResult, config: DeepseekVL2Config, dtype: torch.dtype, bandwidth: tuple[float, float],
     quantize: QuantizeSpec | None = None,
-) -> None:  # fmt: skip
+) -> dict[str, float]:  # fmt: skip
+    """Prints the request's stages and its decode against the read floors; returns the floors'
+    fractions (floor time / decode time: 1.0 would be decode at the measured bandwidth)."""
     t = result.timings
     print(f"single request: {result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens")
     print(f"  preprocessing       {t.preprocess_s * 1000:9.1f} ms")
@@ -236,15 +309,45 @@ def print_stages(
     print(f"  time to first token {t.first_token_s * 1000:9.1f} ms")
     actual = t.decode_s / max(t.decode_tokens, 1)
     print(f"  decode              {t.decode_tokens_per_s:9.2f} tokens/s ({actual * 1000:.1f} ms/token)")
-    per_token = decode_bytes_per_token(config, dtype, result.prompt_tokens + len(result.token_ids) // 2, quantize)
+    per_token = decode_bytes_per_token(config, dtype, mean_context(result), quantize)
     mode = (quantize or QuantizeSpec()).name
     print(f"  bytes per token     {per_token / 2**30:9.2f} GiB (weights read, {mode}, + KV cache)")
+    fractions = {}
     for label, bytes_per_s in zip(("read", "gemv"), bandwidth):
         floor = per_token / bytes_per_s
+        fractions[f"{label}_floor_fraction"] = floor / actual
         print(
             f"  {label} floor          {floor * 1000:9.1f} ms/token at {bytes_per_s / 2**30:.1f} GiB/s "
-            f"measured -> decode is {actual / floor:.2f}x this floor"
+            f"measured -> decode is {actual / floor:.2f}x this floor ({floor / actual:.0%} of its rate)"
         )
+    return fractions
+
+
+def print_union_bounds(
+    records: list[dict[str, Any]], config: DeepseekVL2Config, dtype: torch.dtype, quantize: QuantizeSpec,
+    context: int,
+) -> None:  # fmt: skip
+    """Each level's aggregate decode against the rate of reading each weight of a step once, from
+    the first (1-request) level's rate: with the union of experts that independently routed rows
+    would read (`expected_union`), and with the union the routers actually chose. Adds both to the
+    records."""
+    base = records[0]
+    if base["concurrency"] != 1 or not config.language.n_routed_experts:
+        return
+    print("  aggregate decode against reading each weight once per step (the expert-union bound):")
+    for level in records[1:]:
+        rows, rate = level["concurrency"], level["aggregate_decode_tokens_per_s"]
+        unions = {"uniform": expected_union(config, rows), "observed": level.get("observed_routed_experts")}
+        for name, experts in unions.items():
+            if experts is None:
+                continue
+            bound = union_bound(config, dtype, context, quantize, base["aggregate_decode_tokens_per_s"], rows, experts)
+            level[f"{name}_union_bound_tokens_per_s"] = bound
+            level[f"{name}_union_bound_fraction"] = rate / bound
+            print(
+                f"    concurrency {rows}, {name:>8} union ({experts:4.1f} routed experts a layer): bound "
+                f"{bound:6.2f} tokens/s, measured {rate:6.2f} = {rate / bound:.0%} of it"
+            )
 
 
 def repeat_image(engine: Engine, new_tokens: int, image_detail: str = "auto") -> None:
@@ -281,6 +384,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the levels as JSON here")
     parser.add_argument("--execution", default="auto", help="auto (calibrate), upcast, native, or many=...,few=...,attention=...")
     parser.add_argument("--quantize", choices=MODES, default="none", help="the language model's linear weights (default none)")
+    parser.add_argument(
+        "--distinct", action="store_true",
+        help="with --text-only: each concurrent request its own prompt, so rows route to different experts",
+    )  # fmt: skip
     parser.add_argument("--image-detail", choices=IMAGE_DETAILS, default="auto", help="auto (4x2 tiles for the seed image) or low (one tile)")
     parser.add_argument(
         "--quantized-cache", default=None, metavar="DIR",
@@ -349,8 +456,13 @@ def main() -> None:
     records = []
     print(f"{prompt} prompt, image detail {args.image_detail}, {args.new_tokens} new tokens per request")
     print("  concurrency | aggregate decode tok/s | TTFT p50 / p95 (s) | inter-token p50 / p95 (ms)")
+    routing = RoutingCounter(model)
     for concurrency in levels:
-        level, results = run_level(engine, concurrency, args.text_only, args.new_tokens, args.image_detail)
+        routing.start(concurrency)
+        level, results = run_level(
+            engine, concurrency, args.text_only, args.new_tokens, args.image_detail, args.distinct and args.text_only
+        )
+        level["observed_routed_experts"] = routing.mean()
         records.append(level)
         print(
             f"  {concurrency:11d} | {level['aggregate_decode_tokens_per_s']:22.2f} | "
@@ -366,7 +478,9 @@ def main() -> None:
             f"{level['aggregate_decode_tokens_per_s'] / base['aggregate_decode_tokens_per_s']:.2f}x, "
             f"inter-token p50 {level['inter_token_s_p50'] / base['inter_token_s_p50']:.2f}x"
         )
-    print_stages(single, config, dtype, bandwidth, quantize)
+    routing.close()
+    print_union_bounds(records, config, dtype, quantize, mean_context(single))
+    floors = print_stages(single, config, dtype, bandwidth, quantize)
     peak_cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     print(f"  peak RSS            {peak_rss_gib():9.2f} GiB")
     if peak_cuda is not None:
@@ -386,6 +500,8 @@ def main() -> None:
             "peak_cuda_gib": peak_cuda,
             "levels": records,
             "execution": decision.as_json() | {"spec": decision.spec},
+            "distinct_prompts": args.distinct and args.text_only,
+            "decode_floor": floors,
             "stages": {
                 "vision_s": single.timings.vision_s,
                 "prefill_s": single.timings.prefill_s,

@@ -12,7 +12,10 @@ or forced with DEEPSEEK_VL2_EXECUTION):
   native product 2-8x faster than fp32; without them (AVX2) it is about 8x slower.
 - `few`: products of 2..MANY_ROWS-1 rows (batched decode) run `plain` as `x @ W^T`, or `transposed`
   as `W @ x^T`, which some BLAS kernels stream once for all rows instead of repacking the weight
-  (fp32 on an AVX2 CPU, 129280x1280 head: 4 rows 34 ms against 129 ms).
+  (fp32 on an AVX2 CPU, 129280x1280 head: 4 rows 34 ms against 129 ms), or, with bf16 weights,
+  `upcast`: the weight converted to fp32 a cache-sized block at a time, each block multiplied by
+  all rows while it is in cache. A CPU without bf16 units multiplies a few bf16 rows one
+  matrix-vector pass per row, reading the weight once per row; this reads it once for all rows.
 - `attention`: with bf16 values, attention runs `native`ly or over `fp32` copies (faster where the
   CPU's bf16 attention kernels are slow: 2.5-4x on an AVX2 CPU without bf16 units). Native
   attention goes only with native products: beside fp32 products it leaves the official bf16
@@ -37,12 +40,18 @@ EXECUTION_ENV = "DEEPSEEK_VL2_EXECUTION"
 # Products of at least this many rows are "many-row" (compute-bound); 2 up to it "few-row".
 MANY_ROWS = 16
 NATIVE_ROW_MULTIPLE = 64  # see Execution.native_row_multiple
+# fp32 values of one block of a weight that few-row `upcast` products convert at a time: small
+# enough to stay in the last-level cache of a desktop CPU until all rows have used it, large enough
+# that Python's cost per block (about 15 us) stays small beside the block's conversion. Output head,
+# 4 rows, AVX2 kernels on a 2-core Xeon (scripts/bench_few_rows.py): blocks of 0.6 MiB 51 ms,
+# 2.6 MiB 40 ms, 10 MiB 43 ms.
+FEW_UPCAST_BLOCK_VALUES = 2**19
 
 # Each CPU choice and its options, the first being the baseline: what the CPU did before choices
 # were made per machine, kept unless a measurement shows another option clearly faster.
 CHOICES: dict[str, tuple[str, ...]] = {
     "many": ("upcast", "native"),
-    "few": ("plain", "transposed"),
+    "few": ("plain", "transposed", "upcast"),
     "attention": ("fp32", "native"),
 }
 # fp32 weights have nothing to upcast; their few-row products were transposed before.
@@ -84,6 +93,10 @@ def parse_choices(spec: str, dtype: torch.dtype) -> dict[str, str] | None:
 def _valid(choices: dict[str, str], spec: str, dtype: torch.dtype) -> dict[str, str]:
     if choices in valid_choices(dtype):
         return choices
+    if choices["few"] == "upcast":
+        raise ValueError(
+            f"{EXECUTION_ENV}: few=upcast needs bf16 weights (fp32 ones have nothing to upcast); got {spec!r}"
+        )
     if choices["many"] == "upcast":
         raise ValueError(
             f"{EXECUTION_ENV}: attention=native needs many=native (fp32 products with bf16 "
@@ -113,6 +126,7 @@ def valid_choices(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, str]]:
     return [
         c for c in combinations
         if not (c["attention"] == "native" and (c["many"] == "upcast" or not native_attention))
+        and not (c["few"] == "upcast" and dtype == torch.float32)  # nothing to upcast
     ]  # fmt: skip
 
 
@@ -139,6 +153,9 @@ class Execution:
     sync_free_experts: str = "auto"
     # Products with 2..this many rows run as W @ x^T (0: never).
     transposed_max_rows: int = 0
+    # Products with 2..this many rows and low-precision weights run in fp32, the weight converted a
+    # block of FEW_UPCAST_BLOCK_VALUES at a time and each block multiplied by all rows (0: never).
+    few_upcast_max_rows: int = 0
     # With low-precision weights, products of at least this many rows compute in fp32 (0: never).
     upcast_min_rows: int = 0
     # Attention over fp32 copies of low-precision queries, keys and values, the output rounded
@@ -169,6 +186,7 @@ class Execution:
         dequantize from `dequantize_min_rows` rows (default DEQUANTIZE_MIN_ROWS_CPU)."""
         return cls(
             transposed_max_rows=MANY_ROWS - 1 if choices["few"] == "transposed" else 0,
+            few_upcast_max_rows=MANY_ROWS - 1 if choices["few"] == "upcast" else 0,
             upcast_min_rows=MANY_ROWS if choices["many"] == "upcast" else 0,
             fp32_attention=choices["attention"] == "fp32",
             native_row_multiple=NATIVE_ROW_MULTIPLE if choices["many"] == "native" else 0,
@@ -201,6 +219,8 @@ class Execution:
         if dtype != weight.dtype:
             bias = None if bias is None else bias.to(dtype)
             return F.linear(x.to(dtype), upcast(weight), bias).to(x.dtype)
+        if 1 < rows <= self.few_upcast_max_rows and weight.dtype != torch.float32:
+            return upcast_blocks(x, weight, bias)
         if 1 < rows <= self.transposed_max_rows:
             out = torch.mm(weight, x.reshape(rows, -1).T).T
             if bias is not None:
@@ -229,6 +249,26 @@ class Execution:
             out = F.scaled_dot_product_attention(q.float(), upcast(k, slot=1), upcast(v, slot=2), **options)
             return out.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, **options)
+
+
+def upcast_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight^T (+ bias)` computed in fp32 and rounded once to x's dtype, reading the weight
+    once for all of x's rows: each block of the weight's rows is converted into this thread's
+    reused buffer (slot 0) and multiplied by every row while it is in cache. Each output value is
+    one block's dot product, so it equals the whole fp32 product's up to the BLAS kernel's order."""
+    rows, width = x.numel() // x.shape[-1], weight.shape[1]
+    flat = x.reshape(rows, width).float()
+    block = max(1, FEW_UPCAST_BLOCK_VALUES // width)
+    buffer = scratch(min(block, weight.shape[0]) * width, torch.float32, x.device)
+    # Transposed, so that each block writes whole rows of the result.
+    out = torch.empty(weight.shape[0], rows, dtype=torch.float32, device=x.device)
+    for start in range(0, weight.shape[0], block):
+        part = weight[start : start + block]
+        converted = buffer[: part.numel()].view(part.shape).copy_(part)
+        torch.mm(converted, flat.T, out=out[start : start + block])
+    if bias is not None:
+        out += bias.float()[:, None]
+    return out.T.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 _scratch = threading.local()

@@ -87,8 +87,15 @@ def _products(model: DeepseekVL2, few_rows: int | None) -> list[tuple[torch.Tens
     ]
 
 
-def _options(choices: dict[str, str], name: str) -> dict[str, Execution]:
-    return {option: Execution.from_choices(choices | {name: option}) for option in CHOICES[name]}
+def _options(choices: dict[str, str], name: str, dtype: torch.dtype) -> dict[str, Execution]:
+    """Each option of choice `name` that is valid beside the other `choices` for weights of
+    `dtype` (fp32 weights have no few-row upcast), as the execution that makes it."""
+    valid = valid_choices(dtype)
+    return {
+        option: Execution.from_choices(choices | {name: option})
+        for option in CHOICES[name]
+        if choices | {name: option} in valid
+    }
 
 
 def _measure_products(model: DeepseekVL2, choices: dict[str, str], name: str, few_rows: int | None) -> dict[str, float]:
@@ -99,7 +106,7 @@ def _measure_products(model: DeepseekVL2, choices: dict[str, str], name: str, fe
     def runner(execution: Execution) -> Callable[[], None]:
         return lambda: [execution.linear(x, w) for x, w in products]
 
-    return _interleaved_ms({option: runner(e) for option, e in _options(choices, name).items()})
+    return _interleaved_ms({option: runner(e) for option, e in _options(choices, name, model.dtype).items()})
 
 
 def _measure_attention(model: DeepseekVL2, choices: dict[str, str], rows: int) -> dict[str, float]:
@@ -107,7 +114,8 @@ def _measure_attention(model: DeepseekVL2, choices: dict[str, str], rows: int) -
     prefill chunk's, through the model's own first attention layer."""
     attention = model.language.model.layers[0].self_attn
     make = _mla_attention if model.config.language.use_mla else _mha_attention
-    runs = {option: make(attention, execution, rows, model.dtype) for option, execution in _options(choices, "attention").items()}
+    options = _options(choices, "attention", model.dtype)
+    runs = {option: make(attention, execution, rows, model.dtype) for option, execution in options.items()}
     return _interleaved_ms(runs)
 
 

@@ -39,8 +39,8 @@ DEFAULT_CACHE_UNDER_HOME = Path(".cache") / "deepseek_vl2" / "execution.json"
 # any of that changes (the measured products or attention, their shapes or rows, MARGIN, the
 # options, the record's fields, what machine_key holds), so that records of an older scheme are
 # measured again instead of trusted. 2: kernel level, attention shapes and the engine's batch in
-# the key; the scheme and level in the record.
-SCHEME_VERSION = 2
+# the key; the scheme and level in the record. 3: few-row products gain the `upcast` option.
+SCHEME_VERSION = 3
 
 
 @dataclass

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deepseek_vl2.compute import execution as execution_module
 from deepseek_vl2.compute.execution import Execution, Linear, upcast
 from deepseek_vl2.model.moe import Experts
 
@@ -51,6 +52,36 @@ def test_bf16_weights_compute_large_products_in_fp32(rows):
     else:
         torch.testing.assert_close(got, F.linear(x, weight), rtol=0, atol=0)
     assert got.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rows", [2, 5, 15])
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_row_upcast_streams_the_weight_in_blocks_and_computes_the_fp32_product(rows, bias, monkeypatch):
+    # Blocks of 3 weight rows over 200: 67 blocks, the last one partial.
+    monkeypatch.setattr(execution_module, "FEW_UPCAST_BLOCK_VALUES", 3 * 64)
+    torch.manual_seed(rows)
+    weight, x = torch.randn(200, 64).bfloat16(), torch.randn(rows, 1, 64).bfloat16()
+    b = torch.randn(200).bfloat16() if bias else None
+    got = Execution(few_upcast_max_rows=15).linear(x, weight, b)
+    assert got.shape == (rows, 1, 200) and got.dtype == torch.bfloat16
+    # The fp32 product rounded once: within half a bf16 step of it (2^-8 relative), up to fp32's
+    # summation order.
+    exact = F.linear(x.float(), weight.float(), None if b is None else b.float())
+    torch.testing.assert_close(got.float(), exact, rtol=2**-8, atol=1e-5)
+    assert (got == exact.bfloat16()).float().mean() > 0.99
+
+
+def test_few_row_upcast_takes_only_few_rows_of_low_precision_weights(monkeypatch):
+    calls = []
+    monkeypatch.setattr(execution_module, "upcast_blocks", lambda x, w, b=None: calls.append(x.shape[0]))
+    torch.manual_seed(1)
+    execution = Execution(few_upcast_max_rows=15)
+    weight = torch.randn(200, 64).bfloat16()
+    for rows in (1, 2, 15, 16):  # one row and many rows keep the plain bf16 product
+        execution.linear(torch.randn(rows, 64).bfloat16(), weight)
+    execution.linear(torch.randn(4, 64), torch.randn(200, 64))  # fp32: nothing to upcast
+    Execution().linear(torch.randn(4, 64).bfloat16(), weight)  # not chosen
+    assert calls == [2, 15]
 
 
 def test_the_upcast_buffer_is_reused_and_grows():

@@ -17,7 +17,7 @@ from parity import CHECKPOINTS
 
 from deepseek_vl2 import DeepseekVL2, Engine
 from deepseek_vl2.compute.execution import (
-    CHOICES, DEQUANTIZE_MIN_ROWS_CPU, EXECUTION_ENV, Execution, describe, native_attention_keeps_bounds,
+    CHOICES, DEQUANTIZE_MIN_ROWS_CPU, EXECUTION_ENV, MANY_ROWS, Execution, describe, native_attention_keeps_bounds,
     parse_choices, valid_choices,
 )  # fmt: skip
 from deepseek_vl2.engine import calibration, execution_memory
@@ -62,20 +62,26 @@ def test_presets_and_lists_name_every_choice(monkeypatch):
     assert parse_choices(" many=native, few=transposed ", torch.bfloat16) == {
         "many": "native", "few": "transposed", "attention": "fp32",
     }  # fmt: skip
+    assert parse_choices("few=upcast", torch.bfloat16) == {"many": "upcast", "few": "upcast", "attention": "fp32"}
     for bad in ("fast", "many=quick", "tiles=native", "many=upcast,attention=native"):
         with pytest.raises(ValueError, match=EXECUTION_ENV):
             parse_choices(bad, torch.bfloat16)
+    with pytest.raises(ValueError, match="few=upcast needs bf16 weights"):
+        parse_choices("few=upcast", torch.float32)
 
 
 def test_every_valid_choice_maps_to_its_execution():
-    # 2 x 2 x 2, less upcast products with native attention, and less native attention at the
-    # DEFAULT kernel level, where torch's bf16 attention leaves the official bounds.
-    assert len(valid_choices()) == (6 if native_attention_keeps_bounds() else 4)
+    # 2 x 3 x 2, less upcast products with native attention, and less native attention at the
+    # DEFAULT kernel level, where torch's bf16 attention leaves the official bounds; fp32 weights
+    # have no few-row upcast (2 x 2 x 2, less upcast products with native attention).
+    assert len(valid_choices()) == (9 if native_attention_keeps_bounds() else 6)
     assert len(valid_choices(torch.float32)) == 6
+    assert all(c["few"] != "upcast" for c in valid_choices(torch.float32))
     for choices in valid_choices():
         e = Execution.from_choices(choices)
         assert (e.upcast_min_rows > 0) == (choices["many"] == "upcast")
         assert (e.transposed_max_rows > 1) == (choices["few"] == "transposed")
+        assert (e.few_upcast_max_rows > 1) == (choices["few"] == "upcast")
         assert e.fp32_attention == (choices["attention"] == "fp32")
         assert parse_choices(describe(choices), torch.bfloat16) == choices
 
@@ -100,11 +106,12 @@ def test_calibration_times_every_option_on_the_model(bf16_model, fp32_model):
         assert set(times) == set(CHOICES[name]) and all(ms > 0 for ms in times.values())
     fp32 = calibrate(fp32_model, rows=4, budget_s=30)
     assert set(fp32.timings_ms) == {"few"} and fp32.choices["many"] == "native"
+    assert set(fp32.timings_ms["few"]) == {"plain", "transposed"}  # nothing to upcast
 
 
 QUICK = {
     "many": {"upcast": 10.0, "native": 80.0},
-    "few": {"plain": 10.0, "transposed": 10.0},
+    "few": {"plain": 10.0, "transposed": 10.0, "upcast": 10.0},
     "attention": {"fp32": 10.0, "native": 10.0},
 }
 
@@ -125,17 +132,30 @@ def test_the_baseline_stays_unless_another_option_is_clearly_faster(bf16_model, 
     just_faster = 1 / MARGIN + 0.05  # faster, but within the margin
     fake_timings(monkeypatch, {
         "many": {"upcast": 100.0, "native": 100 / MARGIN - 1},  # clearly faster: switch
-        "few": {"plain": 10.0, "transposed": 10 * just_faster},  # noise: stay
+        "few": {"plain": 10.0, "transposed": 10 * just_faster, "upcast": 20.0},  # noise: stay
         "attention": {"fp32": 5.0, "native": 50.0},  # slower: stay
     })  # fmt: skip
     decision = calibrate(bf16_model, rows=4)
     assert decision.choices == {"many": "native", "few": "plain", "attention": "fp32"}
 
 
+def test_few_row_products_upcast_where_that_is_clearly_faster(bf16_model, monkeypatch):
+    # A CPU without bf16 units: its bf16 products of a few rows read the weight once per row.
+    fake_timings(monkeypatch, {
+        "many": {"upcast": 10.0, "native": 80.0},
+        "few": {"plain": 87.0, "transposed": 170.0, "upcast": 40.0},
+        "attention": {"fp32": 10.0, "native": 40.0},
+    })  # fmt: skip
+    decision = calibrate(bf16_model, rows=4)
+    assert decision.choices == {"many": "upcast", "few": "upcast", "attention": "fp32"}
+    execution = Execution.from_choices(decision.choices)
+    assert execution.few_upcast_max_rows == MANY_ROWS - 1 and not execution.transposed_max_rows
+
+
 def test_attention_is_not_measured_beside_upcast_products(bf16_model, monkeypatch):
     fake_timings(monkeypatch, {
         "many": {"upcast": 10.0, "native": 80.0},
-        "few": {"plain": 10.0, "transposed": 1.0},
+        "few": {"plain": 10.0, "transposed": 1.0, "upcast": 2.0},
         "attention": {"fp32": 50.0, "native": 1.0},
     })  # fmt: skip
     decision = calibrate(bf16_model, rows=4)
@@ -155,7 +175,7 @@ def test_native_bf16_attention_is_no_choice_at_the_default_kernel_level(bf16_mod
             parse_choices(forced, torch.bfloat16)
     fake_timings(monkeypatch, {
         "many": {"upcast": 80.0, "native": 10.0},
-        "few": {"plain": 10.0, "transposed": 10.0},
+        "few": {"plain": 10.0, "transposed": 10.0, "upcast": 10.0},
         "attention": {"fp32": 50.0, "native": 1.0},
     })  # fmt: skip
     decision = calibrate(bf16_model, rows=4)
@@ -175,7 +195,7 @@ def test_a_calibrated_choice_is_remembered_across_restarts(bf16_model, monkeypat
     monkeypatch.delenv(EXECUTION_ENV, raising=False)
     fake_timings(monkeypatch, {
         "many": {"upcast": 100.0, "native": 10.0},
-        "few": {"plain": 10.0, "transposed": 5.0},
+        "few": {"plain": 10.0, "transposed": 5.0, "upcast": 6.0},
         "attention": {"fp32": 10.0, "native": 2.0},
     })  # fmt: skip
     with caplog.at_level(logging.INFO, logger="deepseek_vl2.engine.calibration"):

@@ -12,6 +12,7 @@ these bounds on any machine, whatever calibration would pick here.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -130,3 +131,33 @@ def test_greedy_matches_official_bf16_on_firm_steps(engines, key):
     print(f"\n{key}: {firm} firm steps, ours {result.token_ids}, official {expected}")
     # Either run may stop on EOS; a shorter list then differs exactly where the tokens do.
     assert result.token_ids[:firm] == expected[:firm]
+
+
+def test_batched_greedy_matches_official_bf16_on_firm_steps(engines, monkeypatch):
+    """A checkpoint's cases all at once: their decode steps run several rows through the few-row
+    products (plain, transposed or upcast, as forced), and each request still agrees with the
+    official bf16 run on its firm steps."""
+    for name, engine in engines.items():
+        keys = [key for key in KEYS if case(key)["checkpoint"] == name]
+        batches: list[int] = []
+        decode = engine.runner.decode
+
+        def counted(tokens: torch.Tensor, positions: list[int], decode=decode) -> torch.Tensor:
+            batches.append(len(positions))
+            return decode(tokens, positions)
+
+        monkeypatch.setattr(engine.runner, "decode", counted)
+
+        def generate(key: str) -> list[int]:
+            messages, images = conversation(case(key))
+            result = engine.generate(messages, images, max_new_tokens=24, temperature=0, repetition_penalty=1.0)
+            return result.token_ids
+
+        with ThreadPoolExecutor(len(keys)) as pool:
+            answers = dict(zip(keys, pool.map(generate, keys)))
+        assert max(batches) > 1, f"{name}: no decode step ran more than one row"
+        for key, tokens in answers.items():
+            ref = model_cases_bf16()[key]["greedy_rp1"]
+            firm = firm_steps(ref["step_margins"])
+            assert tokens[:firm] == ref["new_token_ids"][:firm], key
+
