@@ -332,7 +332,7 @@ def print_union_bounds(
     would read (`expected_union`), and with the union the routers actually chose. Adds both to the
     records."""
     base = records[0]
-    if base["concurrency"] != 1 or not config.language.n_routed_experts:
+    if base["concurrency"] != 1 or len(records) < 2 or not config.language.n_routed_experts:
         return
     print("  aggregate decode against reading each weight once per step (the expert-union bound):")
     for level in records[1:]:

@@ -40,11 +40,11 @@ EXECUTION_ENV = "DEEPSEEK_VL2_EXECUTION"
 # Products of at least this many rows are "many-row" (compute-bound); 2 up to it "few-row".
 MANY_ROWS = 16
 NATIVE_ROW_MULTIPLE = 64  # see Execution.native_row_multiple
-# fp32 values of one block of a weight that few-row `upcast` products convert at a time: small
-# enough to stay in the last-level cache of a desktop CPU until all rows have used it, large enough
-# that Python's cost per block (about 15 us) stays small beside the block's conversion. Output head,
-# 4 rows, AVX2 kernels on a 2-core Xeon (scripts/bench_few_rows.py): blocks of 0.6 MiB 51 ms,
-# 2.6 MiB 40 ms, 10 MiB 43 ms.
+# fp32 values of one block of a weight that few-row `upcast` products convert at a time (2 MiB):
+# small enough to stay in the cache of a desktop CPU until all rows have used it, large enough that
+# Python's cost per block (about 15 us) stays small beside the block's conversion. tiny's decode step
+# at 4 rows against one row's plain step, AVX2 kernels forced on a 2-core AVX512 Xeon
+# (scripts/bench_few_rows.py): blocks of 0.5 MiB 2.40x, 2 MiB 1.88x, 8 MiB 2.11x.
 FEW_UPCAST_BLOCK_VALUES = 2**19
 
 # Each CPU choice and its options, the first being the baseline: what the CPU did before choices
