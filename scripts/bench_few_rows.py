@@ -17,7 +17,8 @@ plain product (`x @ W^T`, a bf16 matrix-vector pass per weight): the step's read
 - upcast whole: the whole weight converted into a reused buffer, then one fp32 product;
 - compiled: with --compiled, torch.compile of one `sum(W * x[row], -1)` per row, which inductor
   fuses into one loop that converts each weight vector once in registers for all rows (needs a C++
-  compiler; the first call of each shape and row count compiles, untimed; seconds each).
+  compiler, else the route is reported unavailable; the first call of each shape and row count
+  compiles, untimed; seconds each).
 
 Usage: python scripts/bench_few_rows.py [--variant tiny] [--rows 1,2,4,8] [--repeats 3] [--compiled]
 Best of --repeats, milliseconds. Run it alone: two benchmarks at once spoil each other.
@@ -137,7 +138,7 @@ def main() -> None:
         routes["compiled"] = compiled_route()
     rows_list = [int(r) for r in args.rows.split(",")]
     with torch.inference_mode():
-        xs = {rows: torch.randn(rows, max(w.shape[1] for w in weights)).bfloat16() for rows in rows_list}
+        xs = {rows: torch.randn(rows, max(w.shape[1] for w in weights)).bfloat16() for rows in {1, *rows_list}}
 
         def step(route: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rows: int) -> Callable[[], None]:
             return lambda: [route(xs[rows][:, : w.shape[1]], w) for w in weights]
@@ -147,9 +148,13 @@ def main() -> None:
         print("  route" + " " * 30 + "".join(f"{f'{rows} rows':>22}" for rows in rows_list))
         for name, route in routes.items():
             cells = []
-            for rows in rows_list:
-                ms = best_ms(step(route, rows), args.repeats)
-                cells.append(f"{ms:8.1f} ms ({ms / read_once:4.2f}x)")
+            try:
+                for rows in rows_list:
+                    ms = best_ms(step(route, rows), args.repeats)
+                    cells.append(f"{ms:8.1f} ms ({ms / read_once:4.2f}x)")
+            except Exception as error:  # the compiled route without a C++ compiler, for one
+                print(f"  {name:<34}  unavailable here: {type(error).__name__}: {str(error).splitlines()[0]}")
+                continue
             print(f"  {name:<34}" + "".join(f"{cell:>22}" for cell in cells), flush=True)
     print("(x: the step's time against the read-once time; 1.00x reads each weight once at full speed)")
 
