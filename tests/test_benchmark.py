@@ -3,29 +3,16 @@ batched decode is measured against, and the routing it observes."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
 from parity import CHECKPOINTS
+from script_modules import load_script
 
 from deepseek_vl2 import DeepseekVL2
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = _load_script()
+benchmark = load_script("benchmark")
 
 
 @lru_cache

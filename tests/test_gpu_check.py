@@ -4,7 +4,6 @@ reporting hold (its GPU results are checked by reading its report on a GPU host)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -16,23 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from parity import COMPILE_ENV, DEVICE_ENV
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 MANIFESTS = ROOT / "tests" / "fixtures" / "manifests"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_script()
+gpu_check = load_script("gpu_check")
 
 
 def test_without_cuda_it_exits_2_with_a_message_and_writes_nothing(tmp_path):
