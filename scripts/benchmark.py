@@ -16,7 +16,8 @@ bound: the rate at which its steps would go if each read every weight once, as o
 routed experts: `uniform`, what rows routed independently would read (64 (1 - (58/64)^rows) for
 tiny; README "Concurrent requests"), and `observed`, the distinct experts the routers actually chose
 in the level's full-batch steps (identical requests, admitted one after another, are at different
-tokens of the same answer in any one step, so they too route differently).
+tokens of the same answer in any one step, so they too route differently); `observed` is counted
+for an eager decode only, not a compiled one.
 
 With --repeat-image: two different questions about the seed image, one after the other; the
 second reuses the first's image prefix from the prefix cache.
@@ -220,27 +221,35 @@ def union_bound(
 
 class RoutingCounter:
     """Counts the distinct routed experts each MoE layer chose in decode steps of a given batch
-    (hooks on the routers): the union the step actually read."""
+    (hooks on the routers): the union the step actually read. The hooks only keep the chosen
+    indices, so the timed steps wait for no device; they are counted when asked. For an eager
+    decode only: a compiled step would trace the hooks."""
 
     def __init__(self, model: DeepseekVL2) -> None:
         self.rows = 0
-        self.counts: list[int] = []
+        self.chosen: list[torch.Tensor] = []
         gates = [m for m in model.modules() if isinstance(m, Gate)]
         self.handles = [gate.register_forward_hook(self._seen) for gate in gates]
 
     def _seen(self, _gate, inputs, output) -> None:
         if inputs[0].shape[0] == self.rows:
-            self.counts.append(int(output[1].unique().numel()))
+            self.chosen.append(output[1])
 
     def start(self, rows: int) -> None:
-        self.rows, self.counts = rows, []
+        self.rows, self.chosen = rows, []
+
+    def counts(self) -> list[int]:
+        """Distinct experts of each counted router call, in order."""
+        return [int(indices.unique().numel()) for indices in self.chosen]
 
     def mean(self) -> float | None:
-        return sum(self.counts) / len(self.counts) if self.counts else None
+        counts = self.counts()
+        return sum(counts) / len(counts) if counts else None
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -456,13 +465,14 @@ def main() -> None:
     records = []
     print(f"{prompt} prompt, image detail {args.image_detail}, {args.new_tokens} new tokens per request")
     print("  concurrency | aggregate decode tok/s | TTFT p50 / p95 (s) | inter-token p50 / p95 (ms)")
-    routing = RoutingCounter(model)
+    routing = None if engine.runner.decode_compiled else RoutingCounter(model)
     for concurrency in levels:
-        routing.start(concurrency)
+        if routing is not None:
+            routing.start(concurrency)
         level, results = run_level(
             engine, concurrency, args.text_only, args.new_tokens, args.image_detail, args.distinct and args.text_only
         )
-        level["observed_routed_experts"] = routing.mean()
+        level["observed_routed_experts"] = routing.mean() if routing is not None else None
         records.append(level)
         print(
             f"  {concurrency:11d} | {level['aggregate_decode_tokens_per_s']:22.2f} | "
@@ -478,7 +488,8 @@ def main() -> None:
             f"{level['aggregate_decode_tokens_per_s'] / base['aggregate_decode_tokens_per_s']:.2f}x, "
             f"inter-token p50 {level['inter_token_s_p50'] / base['inter_token_s_p50']:.2f}x"
         )
-    routing.close()
+    if routing is not None:
+        routing.close()
     print_union_bounds(records, config, dtype, quantize, mean_context(single))
     floors = print_stages(single, config, dtype, bandwidth, quantize)
     peak_cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
