@@ -27,6 +27,7 @@ Best of --repeats, milliseconds. Run it alone: two benchmarks at once spoil each
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -83,19 +84,6 @@ def upcast_whole(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), converted).to(x.dtype)
 
 
-def with_block(values: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    from deepseek_vl2.compute import execution
-
-    def run(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        saved, execution.FEW_UPCAST_BLOCK_VALUES = execution.FEW_UPCAST_BLOCK_VALUES, values
-        try:
-            return upcast_blocks(x, weight)
-        finally:
-            execution.FEW_UPCAST_BLOCK_VALUES = saved
-
-    return run
-
-
 def compiled_route() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One reduction per row over the same converted weight: inductor fuses them into one loop
     that loads and converts each weight vector once and multiplies it by every row (its C++ shows
@@ -130,8 +118,8 @@ def main() -> None:
         "transposed": lambda x, w: torch.mm(w, x.T).T,
     }
     for values in sorted({FEW_UPCAST_BLOCK_VALUES // 4, FEW_UPCAST_BLOCK_VALUES, FEW_UPCAST_BLOCK_VALUES * 4}):
-        mark = " (used)" if values == FEW_UPCAST_BLOCK_VALUES else ""
-        routes[f"upcast blocks of {values * 4 / 2**20:g} MiB{mark}"] = with_block(values)
+        name = f"upcast blocks of {values * 4 / 2**20:g} MiB" + (" (used)" if values == FEW_UPCAST_BLOCK_VALUES else "")
+        routes[name] = functools.partial(upcast_blocks, block_values=values)
     routes["upcast whole"] = upcast_whole
     if args.compiled:
         torch._dynamo.config.cache_size_limit = 1024  # a graph per weight shape and row count

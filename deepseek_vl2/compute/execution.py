@@ -251,14 +251,17 @@ class Execution:
         return F.scaled_dot_product_attention(q, k, v, **options)
 
 
-def upcast_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def upcast_blocks(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_values: int | None = None
+) -> torch.Tensor:
     """`x @ weight^T (+ bias)` computed in fp32 and rounded once to x's dtype, reading the weight
-    once for all of x's rows: each block of the weight's rows is converted into this thread's
-    reused buffer (slot 0) and multiplied by every row while it is in cache. Each output value is
-    one block's dot product, so it equals the whole fp32 product's up to the BLAS kernel's order."""
+    once for all of x's rows: each block of the weight's rows (about `block_values` values, default
+    FEW_UPCAST_BLOCK_VALUES) is converted into this thread's reused buffer (slot 0) and multiplied
+    by every row while it is in cache. Each output value is one block's dot product, so it equals
+    the whole fp32 product's up to the BLAS kernel's order."""
     rows, width = x.numel() // x.shape[-1], weight.shape[1]
     flat = x.reshape(rows, width).float()
-    block = max(1, FEW_UPCAST_BLOCK_VALUES // width)
+    block = max(1, (block_values or FEW_UPCAST_BLOCK_VALUES) // width)
     buffer = scratch(min(block, weight.shape[0]) * width, torch.float32, x.device)
     # Transposed, so that each block writes whole rows of the result.
     out = torch.empty(weight.shape[0], rows, dtype=torch.float32, device=x.device)
